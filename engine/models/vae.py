@@ -1,0 +1,430 @@
+"""The Wan2.1 VAE: a causal 3-D convolutional autoencoder, 4x8x8 compression to 16 latent channels.
+
+Follows the official implementation (Wan-Video/Wan2.1 `wan/modules/vae.py`: `WanVAE_` and the `WanVAE`
+wrapper; Wan2.2 `vae2_1.py` is the same file) layer for layer, so `state_dict()` keys equal those of
+`Wan2.1_VAE.pth` (194 tensors, 126.9 M parameters at the default size).
+
+Chunked causal processing (reference wan.md §7.3; part of the numerics, not an optimisation):
+- encode runs the encoder on frames [0:1], [1:5], [5:9], … (1 + 4k frames → 1 + k latent frames);
+- decode runs the decoder on one latent frame at a time (latent frame 0 → 1 frame, every later one → 4).
+Every causal layer carries the last frames of its input from one chunk to the next in a `CausalCache`
+(the official `feat_cache`), in place of the zero front padding it would see on a lone chunk. Two layers
+treat the first chunk specially, as the official code does: the temporal `downsample3d` keeps frame 0 as it
+is (1 frame → 1 latent frame), and the temporal `upsample3d` leaves latent frame 0 un-doubled (the 'Rep'
+marker) and starts its time conv from zero history on the second chunk.
+
+Latent normalisation is inside this module, as in the official wrapper (diffusers leaves it to its
+pipelines): `encode` returns (mu − mean) / std, `decode` takes z and computes z·std + mean first.
+
+dtype: the module runs in its parameter dtype (fp32 or bf16; inputs are cast to it). RMS norms compute in
+fp32. `encode` and `decode` return fp32, as the official wrapper (`.float()`) does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.configs import VAEConfig
+
+# Per-channel latent statistics of the Wan2.1 VAE (official `WanVAE.__init__`; the same numbers are
+# diffusers' `AutoencoderKLWan` `latents_mean` / `latents_std` defaults).
+LATENT_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+LATENT_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+class CausalCache:
+    """The time history each causal layer carries from one chunk to the next (the official `feat_cache`).
+
+    Keyed by the layer itself, so a layer always finds its own history without a running slot counter. A
+    history is a buffer [B, C, frames, H, W] that its layer overwrites in place every chunk. One cache serves
+    one encode or one decode call.
+    """
+
+    def __init__(self) -> None:
+        self._history: dict[nn.Module, torch.Tensor] = {}
+
+    def get(self, layer: nn.Module) -> torch.Tensor | None:
+        """The layer's history, or None before its first chunk."""
+        return self._history.get(layer)
+
+    def set(self, layer: nn.Module, history: torch.Tensor) -> torch.Tensor:
+        """Store the layer's history buffer (first chunk only; later chunks update it in place)."""
+        self._history[layer] = history
+        return history
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE: video [B, 3, F, H, W] in [−1, 1] ↔ normalised latent [B, 16, (F−1)/4 + 1, H/8, W/8]."""
+
+    def __init__(
+        self,
+        dim: int = 96,
+        z_dim: int = 16,
+        dim_mult: tuple[int, ...] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        temperal_downsample: tuple[bool, ...] = (False, True, True),
+    ) -> None:
+        super().__init__()
+        if z_dim != len(LATENT_MEAN):
+            raise ValueError(f"z_dim {z_dim}: the Wan2.1 latent mean/std have {len(LATENT_MEAN)} channels")
+        if len(temperal_downsample) != len(dim_mult) - 1:
+            raise ValueError(f"temperal_downsample {temperal_downsample} needs {len(dim_mult) - 1} entries")
+        self.z_dim = z_dim
+        self.temporal_stride = 2 ** sum(temperal_downsample)
+        self.spatial_stride = 2 ** (len(dim_mult) - 1)
+
+        self.encoder = Encoder3d(dim, 2 * z_dim, dim_mult, num_res_blocks, tuple(temperal_downsample))
+        # Kernel-1 convs need no time history: plain Conv3d (official CausalConv3d; same keys and math).
+        self.conv1 = nn.Conv3d(2 * z_dim, 2 * z_dim, 1)  # encoder output → (mu, log_var)
+        self.conv2 = nn.Conv3d(z_dim, z_dim, 1)  # z → decoder input
+        self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, tuple(reversed(temperal_downsample)))
+        # (mean, std) as [1, z, 1, 1, 1] fp32 tensors per device, built on first use: non-persistent buffers
+        # would stay on the meta device after a meta build + `load_state_dict(assign=True)`, and persistent
+        # ones would add keys that `Wan2.1_VAE.pth` does not have.
+        self._latent_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: VAEConfig) -> WanVAE:
+        return cls(
+            dim=cfg.dim,
+            z_dim=cfg.z_dim,
+            dim_mult=cfg.dim_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            temperal_downsample=cfg.temperal_downsample,
+        )
+
+    @classmethod
+    def meta(cls, cfg: VAEConfig) -> WanVAE:
+        """Build on the meta device (no memory): the skeleton to load a checkpoint into with `assign=True`."""
+        with torch.device("meta"):
+            return cls.from_config(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Encode a video to its normalised latent (the posterior mean; official `WanVAE.encode`).
+
+        Args:
+            video: [B, 3, F, H, W] in [−1, 1], F = 4k + 1, H and W multiples of 8.
+
+        Returns:
+            [B, 16, (F − 1)/4 + 1, H/8, W/8] fp32, (mu − mean) / std.
+
+        Raises:
+            ValueError: on a shape the causal chunking cannot take.
+        """
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected a video [B, 3, F, H, W], got {tuple(video.shape)}")
+        _, _, num_frames, height, width = video.shape
+        if (num_frames - 1) % self.temporal_stride:
+            raise ValueError(f"num_frames {num_frames} must be {self.temporal_stride}k+1")
+        if height % self.spatial_stride or width % self.spatial_stride:
+            raise ValueError(f"height {height} and width {width} must be multiples of {self.spatial_stride}")
+        video = video.to(self.dtype)
+        cache = CausalCache()
+        # Chunks [0:1], [1:5], [5:9], …: each gives one latent frame.
+        later_chunks = video[:, :, 1:].split(self.temporal_stride, dim=2) if num_frames > 1 else ()
+        chunks = (video[:, :, :1], *later_chunks)
+        encoded = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # [B, 2z, F', H/8, W/8]
+        # Only the mu half of conv1: encode returns the posterior mode, log_var is never used.
+        mu = F.conv3d(encoded, self.conv1.weight[: self.z_dim], self.conv1.bias[: self.z_dim])
+        mean, std = self._stats(mu.device)
+        return (mu.float() - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Decode a normalised latent to a video (official `WanVAE.decode`, clamped to [−1, 1]).
+
+        Args:
+            latent: [B, 16, F', H', W'] as `encode` returns it.
+
+        Returns:
+            [B, 3, 1 + 4(F' − 1), 8H', 8W'] fp32 in [−1, 1].
+        """
+        batch, _, latent_frames, height, width = self._check_latent(latent).shape
+        video = torch.empty(
+            batch, 3, 1 + self.temporal_stride * (latent_frames - 1), height * self.spatial_stride,
+            width * self.spatial_stride, dtype=torch.float32, device=latent.device,
+        )  # fmt: skip
+        start = 0
+        for frames in self.decode_frames(latent):
+            video[:, :, start : start + frames.shape[2]] = frames
+            start += frames.shape[2]
+        return video
+
+    @torch.no_grad()
+    def decode_frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Decode one latent frame at a time, yielding each chunk's frames as soon as they exist.
+
+        Lets the caller stream frames to a video encoder while decoding goes on; `decode` is built on it.
+
+        Args:
+            latent: [B, 16, F', H', W'] as `encode` returns it.
+
+        Yields:
+            [B, 3, f, 8H', 8W'] fp32 in [−1, 1]: f = 1 for latent frame 0, then 4 per latent frame.
+        """
+        mean, std = self._stats(latent.device)
+        z = (self._check_latent(latent).float() * std + mean).to(self.dtype)
+        x = self.conv2(z)  # pointwise in time: applied to all frames at once, as official
+        cache = CausalCache()
+        for i in range(x.shape[2]):
+            yield self.decoder(x[:, :, i : i + 1], cache).float().clamp_(-1.0, 1.0)
+
+    def _check_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        if latent.dim() != 5 or latent.shape[1] != self.z_dim or latent.shape[2] < 1:
+            raise ValueError(f"expected a latent [B, {self.z_dim}, F', H', W'], got {tuple(latent.shape)}")
+        return latent
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self._latent_stats.get(device)
+        if stats is None:
+            mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+            std = torch.tensor(LATENT_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+            stats = self._latent_stats[device] = (mean, std)
+        return stats
+
+
+class Encoder3d(nn.Module):
+    """conv1 → downsamples (ResidualBlocks, Resamples) → middle (Res, Attn, Res) → head (norm, SiLU, conv)."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        dim_mult: tuple[int, ...],
+        num_res_blocks: int,
+        temperal_downsample: tuple[bool, ...],
+    ) -> None:
+        super().__init__()
+        dims = [dim * m for m in (1, *dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+
+        downsamples: list[nn.Module] = []
+        for i, (in_dim, stage_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                downsamples.append(ResidualBlock(in_dim, stage_dim))
+                in_dim = stage_dim
+            if i != len(dim_mult) - 1:
+                mode = "downsample3d" if temperal_downsample[i] else "downsample2d"
+                downsamples.append(Resample(stage_dim, mode))
+        self.downsamples = nn.ModuleList(downsamples)
+
+        self.middle = nn.ModuleList([ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
+                                     ResidualBlock(dims[-1], dims[-1])])
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], out_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for layer in self.downsamples:
+            x = layer(x, cache)
+        res_in, attn, res_out = self.middle
+        x = res_out(attn(res_in(x, cache)), cache)
+        norm, _, conv = self.head
+        return conv(F.silu(norm(x), inplace=True), cache)
+
+
+class Decoder3d(nn.Module):
+    """conv1 → middle (Res, Attn, Res) → upsamples (ResidualBlocks, Resamples) → head (norm, SiLU, conv)."""
+
+    def __init__(
+        self,
+        dim: int,
+        z_dim: int,
+        dim_mult: tuple[int, ...],
+        num_res_blocks: int,
+        temperal_upsample: tuple[bool, ...],
+    ) -> None:
+        super().__init__()
+        dims = [dim * m for m in (dim_mult[-1], *reversed(dim_mult))]
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                     ResidualBlock(dims[0], dims[0])])
+
+        upsamples: list[nn.Module] = []
+        for i, (in_dim, stage_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous stage's Resample halved the channels (Conv2d(dim, dim // 2))
+            for _ in range(num_res_blocks + 1):
+                upsamples.append(ResidualBlock(in_dim, stage_dim))
+                in_dim = stage_dim
+            if i != len(dim_mult) - 1:
+                mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
+                upsamples.append(Resample(stage_dim, mode))
+        self.upsamples = nn.ModuleList(upsamples)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        res_in, attn, res_out = self.middle
+        x = res_out(attn(res_in(x, cache)), cache)
+        for layer in self.upsamples:
+            x = layer(x, cache)
+        norm, _, conv = self.head
+        return conv(F.silu(norm(x), inplace=True), cache)
+
+
+class ResidualBlock(nn.Module):
+    """(RMSNorm, SiLU, CausalConv3d) x 2 plus a kernel-1 conv shortcut when the width changes."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        # The official Sequential: indices 0 (norm), 2 (conv), 3 (norm), 6 (conv) carry the weights; slot 5 is
+        # its nn.Dropout(0.0), an Identity here, kept so the second conv's key stays `residual.6`.
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )  # fmt: skip
+        self.shortcut: nn.Module = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = self.shortcut(x)
+        x = conv1(F.silu(norm1(x), inplace=True), cache)
+        x = conv2(F.silu(norm2(x), inplace=True), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head spatial self-attention within each frame (scale 1/sqrt(C)), with a residual."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        nn.init.zeros_(self.proj.weight)  # official init: the block starts as the identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        b, c, t, h, w = x.shape
+        x = x.transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W]
+        qkv = self.to_qkv(self.norm(x)).view(b * t, 1, 3 * c, h * w)  # [B*F, 1, 3C, H*W]
+        q, k, v = qkv.transpose(2, 3).chunk(3, dim=-1)  # each [B*F, 1, H*W, C]
+        x = F.scaled_dot_product_attention(q, k, v)  # [B*F, 1, H*W, C]
+        x = x.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W]
+        x = self.proj(x).view(b, t, c, h, w).transpose(1, 2)  # [B, C, F, H, W]
+        return x + identity
+
+
+class Resample(nn.Module):
+    """Spatial x2 up/down sampling per frame, plus x2 in time for the '3d' modes (official `Resample`).
+
+    upsample: nearest-exact x2 then Conv2d(dim, dim // 2, 3); upsample3d first doubles the frames with a
+    causal time conv to 2·dim channels whose halves become consecutive frames. downsample: pad right/bottom
+    by one then Conv2d(dim, dim, 3, stride 2); downsample3d then halves the frames with a stride-2 time conv
+    over (last frame of the previous chunk, this chunk's frames).
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.time_conv: nn.Module
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(
+                nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                nn.Conv2d(dim, dim // 2, 3, padding=1),
+            )
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                # No time padding: its one frame of history is handled in `_downsample_time`.
+                self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            raise ValueError(f"Resample mode {mode!r} is not one of upsample2d/3d, downsample2d/3d")
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self._upsample_time(x, cache)
+        b, c, t, h, w = x.shape
+        # nearest-exact copies values, so it runs in the input dtype (the official fp32 detour was a
+        # workaround for old bf16 kernels and gives the same bits).
+        x = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))  # [B*F, C', H', W']
+        x = x.view(b, t, *x.shape[1:]).transpose(1, 2)  # [B, C', F, H', W']
+        if self.mode == "downsample3d":
+            x = self._downsample_time(x, cache)
+        return x
+
+    def _upsample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if cache.get(self.time_conv) is None:
+            # First chunk: official stores 'Rep' and keeps latent frame 0 as one frame. On the next chunk its
+            # time conv sees zero padding (not frame 0), i.e. a zero history.
+            cache.set(self.time_conv, x.new_zeros(b, c, self.time_conv.time_padding, h, w))
+            return x
+        x = self.time_conv(x, cache)  # [B, 2C, F, H, W]
+        # Channel halves are consecutive frames: [B, 2, C, F, H, W] → [B, C, F, 2, H, W] → [B, C, 2F, H, W].
+        return x.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+
+    def _downsample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        history = cache.get(self.time_conv)
+        if history is None:
+            # First chunk (one frame): official only caches it, so frame 0 becomes latent frame 0 on its own.
+            cache.set(self.time_conv, x[:, :, -1:].clone())
+            return x
+        x_in = torch.cat([history, x], dim=2)  # [B, C, 1 + F, H, W]
+        history.copy_(x[:, :, -1:])
+        return self.time_conv(x_in)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d causal in time (front padding 2·pad_t, taken from the previous chunk) and symmetric in space.
+
+    Official `CausalConv3d` prepends `feat_cache` frames to the input and zero-pads the rest of the front; a
+    history buffer that starts as zeros and always holds the last 2·pad_t input frames gives the same input.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        padding: int | tuple[int, int, int],
+    ) -> None:
+        pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_channels, out_channels, kernel_size, padding=(0, pad_h, pad_w))
+        self.time_padding = 2 * pad_t
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:  # type: ignore[override]
+        history = cache.get(self)
+        if history is None:
+            b, c, _, h, w = x.shape
+            history = cache.set(self, x.new_zeros(b, c, self.time_padding, h, w))
+        x = torch.cat([history, x], dim=2)  # [B, C, time_padding + F, H, W]
+        history.copy_(x[:, :, -self.time_padding :])
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """Official `RMS_norm`: L2-normalise over channels (eps 1e-12), times sqrt(C)·gamma; no mean, no bias.
+
+    gamma is [C, 1, 1, 1] for video tensors and [C, 1, 1] (`images=True`) for the per-frame attention input.
+    """
+
+    def __init__(self, dim: int, images: bool = False) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 for bf16 inputs (a no-op for fp32): a sum of squares over hundreds of channels loses too much
+        # in bf16 (diffusers' `WanRMS_norm` upcasts likewise).
+        return (F.normalize(x.float(), dim=1) * (self.gamma.float() * self.scale)).type_as(x)
+
+
+__all__ = ["WanVAE", "CausalCache", "LATENT_MEAN", "LATENT_STD"]

@@ -1,0 +1,206 @@
+"""MP4 output: H.264 (libx264), yuv420p, `+faststart`, 16 fps by default, through imageio-ffmpeg.
+
+`write_mp4` pipes raw RGB frames into the ffmpeg binary that the imageio-ffmpeg wheel ships (no system ffmpeg
+needed) and accepts either the whole clip or an iterable of chunks, so frames can be encoded while the VAE is
+still decoding. The file appears atomically: ffmpeg writes a hidden temp file in the target directory and
+`os.replace` moves it into place only after ffmpeg has finished, so a reader never sees half a video.
+
+yuv420p stores chroma at half resolution in both directions, so libx264 needs even widths and heights; odd
+sizes are refused rather than silently rescaled (imageio-ffmpeg's `macro_block_size` would resize to a
+multiple of 16; it is set to 1 here). Every Wan size is a multiple of 16 anyway.
+
+`read_mp4` and `probe_mp4` decode with the same binary, for tests and tools (there may be no ffprobe).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+
+DEFAULT_FPS = 16  # Wan / TurboDiffusion output rate
+# libx264's constant-rate factor: 0 is lossless, 23 its default; 18 is commonly taken as visually lossless and
+# keeps an 81-frame 832x480 clip at a few MB.
+DEFAULT_CRF = 18
+
+
+def frames_from_video(video: torch.Tensor) -> np.ndarray:
+    """Convert a decoded video in [-1, 1] to uint8 RGB frames.
+
+    Args:
+        video: [3, F, H, W] or [1, 3, F, H, W] (one sample; index a batch before calling), any float dtype and
+            device. Values outside [-1, 1] are clamped, as TurboDiffusion does before saving.
+
+    Returns:
+        [F, H, W, 3] uint8, C-contiguous, on the host: round((x + 1) / 2 · 255).
+    """
+    if video.dim() == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"expected one sample, got a batch of {video.shape[0]}; index the batch first")
+        video = video[0]
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a video [3, F, H, W] or [1, 3, F, H, W], got {tuple(video.shape)}")
+    pixels = ((video.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()  # [3, F, H, W] -> [F, H, W, 3]
+
+
+def write_mp4(
+    frames: np.ndarray | Iterable[np.ndarray],
+    path: str | os.PathLike[str],
+    fps: float = DEFAULT_FPS,
+    *,
+    crf: int = DEFAULT_CRF,
+    preset: str = "medium",
+) -> int:
+    """Encode uint8 RGB frames to an H.264 yuv420p MP4 with the moov atom in front (+faststart).
+
+    Args:
+        frames: [F, H, W, 3] uint8, or an iterable of [f, H, W, 3] uint8 chunks (all the same H and W),
+            written as they arrive.
+        path: destination; its directory must exist. Replaced atomically if it already exists.
+        fps: frames per second.
+        crf: libx264 constant-rate factor, 0 (lossless) to 51.
+        preset: libx264 speed/size preset (ultrafast … veryslow).
+
+    Returns:
+        The number of frames written.
+
+    Raises:
+        ValueError: no frames, a chunk that is not uint8 [f, H, W, 3], sizes that change between chunks, odd
+            H or W, or a bad fps / crf.
+        RuntimeError: ffmpeg did not produce a complete file (e.g. an unknown preset).
+    """
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf must be in 0..51 (libx264), got {crf!r}")
+    path = Path(path)
+    chunks = _checked_chunks([frames] if isinstance(frames, np.ndarray) else frames)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("no frames to write")
+    height, width = first.shape[1:3]
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    writer = imageio_ffmpeg.write_frames(
+        str(tmp_path),
+        (width, height),
+        pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p",
+        fps=fps,
+        quality=None,  # rate control is the crf below
+        codec="libx264",
+        macro_block_size=1,  # never rescale; even sizes are checked above
+        ffmpeg_log_level="error",
+        output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart", "-f", "mp4"],
+    )
+    num_frames = 0
+    try:
+        writer.send(None)  # start ffmpeg
+        for chunk in _prepend(first, chunks):
+            if chunk.shape[1:3] != (height, width):
+                new_size = f"{chunk.shape[2]}x{chunk.shape[1]}"
+                raise ValueError(f"frame size changed from {width}x{height} to {new_size} (W x H)")
+            writer.send(chunk)
+            num_frames += chunk.shape[0]
+        writer.close()  # closes ffmpeg's stdin and waits for it to finish the file
+        # write_frames does not report ffmpeg's exit status. With +faststart the moov atom is moved in front
+        # of mdat only when ffmpeg finalises the file, so its position proves a complete MP4.
+        if not tmp_path.is_file() or not _moov_before_mdat(tmp_path):
+            raise RuntimeError(f"ffmpeg did not finish {path} (see its messages on stderr)")
+        os.replace(tmp_path, path)
+    finally:
+        writer.close()
+        tmp_path.unlink(missing_ok=True)
+    return num_frames
+
+
+def read_mp4(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """Decode a video to uint8 RGB frames [F, H, W, 3] and its frame rate."""
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    try:
+        meta = next(reader)
+        width, height = meta["size"]
+        frames = [np.frombuffer(frame, dtype=np.uint8).reshape(height, width, 3) for frame in reader]
+    finally:
+        reader.close()
+    return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8), float(meta["fps"])
+
+
+def probe_mp4(path: str | os.PathLike[str]) -> dict[str, object]:
+    """Describe the first video stream by decoding the whole file with imageio-ffmpeg's ffmpeg binary.
+
+    Returns:
+        dict with codec (e.g. "h264"), pix_fmt, width, height, num_frames (decoded frames), fps (float) and
+        faststart (whether the moov atom precedes mdat).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ffmpeg found no video stream.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no video at {path}")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", str(path),
+           "-map", "0:v:0", "-f", "null", "-progress", "pipe:1", "-"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # Stream line of the input section, e.g. "Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661),
+    # yuv420p(progressive), 64x48 [SAR 1:1 DAR 4:3], 15 kb/s, 16 fps, 16 tbr, 16384 tbn (default)".
+    input_section = result.stderr.split("Stream mapping:")[0]
+    stream = re.search(r"Stream #\d+:\d+.*?: Video: (\w+)[^,]*, (\w+).*?, (\d+)x(\d+)", input_section)
+    if stream is None or result.returncode != 0:
+        raise ValueError(f"ffmpeg found no decodable video stream in {path}:\n{result.stderr[-2000:]}")
+    rate = re.search(r", ([\d.]+) fps", input_section)
+    counts = re.findall(r"^frame=(\d+)$", result.stdout, flags=re.MULTILINE)
+    return {
+        "codec": stream.group(1),
+        "pix_fmt": stream.group(2),
+        "width": int(stream.group(3)),
+        "height": int(stream.group(4)),
+        "num_frames": int(counts[-1]) if counts else 0,
+        "fps": float(rate.group(1)) if rate else 0.0,
+        "faststart": _moov_before_mdat(path),
+    }
+
+
+def _checked_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Validate each chunk and make it C-contiguous (ffmpeg reads its raw bytes); skip empty chunks."""
+    for chunk in chunks:
+        is_rgb = isinstance(chunk, np.ndarray) and chunk.ndim == 4 and chunk.shape[3] == 3
+        if not is_rgb or chunk.dtype != np.uint8:
+            desc = f"{chunk.dtype} {chunk.shape}" if isinstance(chunk, np.ndarray) else type(chunk).__name__
+            raise ValueError(f"frames must be uint8 numpy arrays [f, H, W, 3] (RGB), got {desc}")
+        if chunk.shape[1] % 2 or chunk.shape[2] % 2:
+            raise ValueError(f"H.264 yuv420p needs an even height and width, got {chunk.shape[2]}x"
+                             f"{chunk.shape[1]} (W x H); crop or pad the frames")
+        if chunk.shape[0]:
+            yield np.ascontiguousarray(chunk)
+
+
+def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def _moov_before_mdat(path: Path) -> bool:
+    """Whether moov comes before mdat among the top-level MP4 boxes (ISO/IEC 14496-12 box headers: 4-byte
+    big-endian size, 4-byte type; size 1 means a 64-bit size follows, 0 means "to the end of the file")."""
+    with path.open("rb") as f:
+        while header := f.read(8):
+            if len(header) < 8:
+                break
+            size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if kind in (b"moov", b"mdat"):
+                return kind == b"moov"
+            if size == 1:
+                size = int.from_bytes(f.read(8), "big") - 8
+            if size < 8:
+                break
+            f.seek(size - 8, os.SEEK_CUR)
+    return False

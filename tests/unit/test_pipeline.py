@@ -1,0 +1,132 @@
+"""Pipeline on the tiny specs: T2V and I2V end to end, expert switching, progress, cancel, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.pipeline import GenerationCanceled, GenerationRequest, Pipeline, adaptive_resolution
+
+
+@pytest.fixture(scope="module")
+def t2v() -> Pipeline:
+    return Pipeline.load("tiny-t2v")
+
+
+@pytest.fixture(scope="module")
+def i2v() -> Pipeline:
+    return Pipeline.load("tiny-i2v")
+
+
+def _image(width: int = 200, height: int = 120) -> Image.Image:
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_t2v_generates_frames_with_stage_timings(t2v: Pipeline) -> None:
+    events: list[tuple[str, int, int]] = []
+    result = t2v.generate(GenerationRequest(prompt="a red fox in the snow", num_frames=9, steps=2, seed=7),
+                          on_progress=lambda stage, step, total: events.append((stage, step, total)))
+    assert result.frames.shape == (9, 96, 160, 3) and result.frames.dtype == np.uint8
+    assert result.frames.std() > 1.0, "random weights must still give a non-constant video"
+    assert (result.seed, result.steps, result.fps) == (7, 2, 16)
+    assert set(result.timings) == {"text_encode", "denoise", "vae_decode"}
+    assert events == [("text_encode", 0, 2), ("denoise", 0, 2), ("denoise", 1, 2), ("denoise", 2, 2),
+                      ("vae_decode", 2, 2)]
+
+
+def test_same_seed_same_video_and_random_seed_reported(t2v: Pipeline) -> None:
+    request = GenerationRequest(prompt="waves", num_frames=5, steps=1, seed=11)
+    first, second = t2v.generate(request), t2v.generate(request)
+    assert np.array_equal(first.frames, second.frames)
+    other = t2v.generate(GenerationRequest(prompt="waves", num_frames=5, steps=1, seed=12))
+    assert not np.array_equal(first.frames, other.frames)
+    unseeded = t2v.generate(GenerationRequest(prompt="waves", num_frames=5, steps=1))
+    assert isinstance(unseeded.seed, int) and 0 <= unseeded.seed < 2**31
+
+
+@pytest.mark.parametrize("steps, expected", [(1, [0]), (2, [0, 0]), (3, [0, 0, 1]), (4, [0, 0, 1, 1])])
+def test_i2v_switches_expert_once_below_boundary(i2v: Pipeline, steps: int, expected: list[int]) -> None:
+    """TurboDiffusion rule at sigma_max 200, boundary 0.9: s = 0.995, 0.934 (high), 0.853, 0.609 (low)."""
+    calls: list[int] = []
+    hooks = [expert.register_forward_hook(lambda module, args, out, i=i: calls.append(i))
+             for i, expert in enumerate(i2v.experts)]
+    try:
+        i2v.generate(GenerationRequest(prompt="a cat", image=_image(), width=64, height=48, num_frames=5,
+                                       steps=steps, seed=0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == expected
+
+
+def test_i2v_condition_is_mask_then_image_latent(i2v: Pipeline) -> None:
+    request = i2v.validate(GenerationRequest(prompt="x", image=_image(), width=64, height=48, num_frames=9))
+    y = i2v._image_condition(request)
+    assert y.shape == (1, 20, 3, 6, 8)  # mask 4 + latent 16, F' = 3, 48/8 × 64/8
+    assert torch.equal(y[:, :4, 0], torch.ones_like(y[:, :4, 0]))
+    assert not y[:, :4, 1:].any()
+    # Latent frames 1.. encode black frames: identical to each other only through the causal cache, but
+    # different from the image frame.
+    assert not torch.allclose(y[:, 4:, 0], y[:, 4:, 1])
+
+
+def test_i2v_adapts_resolution_to_the_image(i2v: Pipeline) -> None:
+    request = i2v.validate(GenerationRequest(prompt="x", image=_image(300, 100)))
+    assert request.width * request.height == pytest.approx(160 * 96, rel=0.2)
+    assert request.width > 2 * request.height
+    assert adaptive_resolution(1280, 720, 1000, 1000, 16) == (960, 960)
+
+
+def test_cancel_stops_between_steps(t2v: Pipeline) -> None:
+    steps_seen: list[int] = []
+
+    def cancel_after_first_step() -> bool:
+        return len(steps_seen) >= 1
+
+    with pytest.raises(GenerationCanceled):
+        t2v.generate(GenerationRequest(prompt="x", num_frames=5, steps=4, seed=0),
+                     on_progress=lambda stage, step, total: steps_seen.append(step) if stage == "denoise" and step else None,
+                     should_cancel=cancel_after_first_step)
+    assert steps_seen == [1]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"prompt": " "}, "prompt must be a non-empty string"),
+        ({"num_frames": 10}, "num_frames 10 must be 4k\\+1"),
+        ({"num_frames": 165}, "num_frames 165 exceeds the limit 161"),
+        ({"steps": 5}, "steps 5 must be between 1 and 4"),
+        ({"width": 100, "height": 96}, "width 100 must be a positive multiple of 16"),
+        ({"width": 160}, "width and height must be given together"),
+        ({"size": "1080p"}, "size '1080p' is not one of"),
+        ({"aspect_ratio": "2:1"}, "aspect_ratio '2:1' is not one of"),
+        ({"sigma_max": -1.0}, "sigma_max -1.0 must be a positive finite number"),
+        ({"topk": 0.0}, "topk 0.0 must be in \\(0, 1\\]"),
+        ({"image": _image()}, "image is not accepted: tiny-t2v is a text-to-video model"),
+    ],
+)
+def test_validate_names_field_and_rule(t2v: Pipeline, fields: dict, message: str) -> None:
+    request = GenerationRequest(prompt=fields.pop("prompt", "ok"), **fields)
+    with pytest.raises(ValueError, match=message):
+        t2v.validate(request)
+
+
+def test_i2v_requires_image(i2v: Pipeline) -> None:
+    with pytest.raises(ValueError, match="image is required"):
+        i2v.validate(GenerationRequest(prompt="x"))
+
+
+def test_real_models_need_a_checkpoint() -> None:
+    with pytest.raises(ValueError, match="needs checkpoint_dir"):
+        Pipeline.load("wan2.1-t2v-1.3b")
+    with pytest.raises(KeyError, match="unknown model 'nope'; known models: wan2.1-t2v-1.3b"):
+        Pipeline.load("nope")
+
+
+def test_unipc_baseline_runs_with_cfg(t2v: Pipeline) -> None:
+    result = t2v.generate(GenerationRequest(prompt="x", num_frames=5, steps=3, seed=0, sampler="unipc"))
+    assert result.frames.shape == (5, 96, 160, 3) and result.steps == 3
