@@ -21,7 +21,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 
@@ -88,6 +87,8 @@ def write_mp4(
         raise ValueError("no frames to write")
     height, width = first.shape[1:3]
     tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    import imageio_ffmpeg  # imported here so the engine imports with torch alone
+
     writer = imageio_ffmpeg.write_frames(
         str(tmp_path),
         (width, height),
@@ -123,6 +124,8 @@ def write_mp4(
 
 def read_mp4(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     """Decode a video to uint8 RGB frames [F, H, W, 3] and its frame rate."""
+    import imageio_ffmpeg
+
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
         meta = next(reader)
@@ -147,6 +150,8 @@ def probe_mp4(path: str | os.PathLike[str]) -> dict[str, object]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no video at {path}")
+    import imageio_ffmpeg
+
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", str(path),
            "-map", "0:v:0", "-f", "null", "-progress", "pipe:1", "-"]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -26,14 +26,16 @@ import math
 import re
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors
-from tokenizers import Tokenizer as _BackendTokenizer
 
 from engine.configs import T5Config
+
+if TYPE_CHECKING:  # the tokenizers package is imported when a tokenizer is built, so the engine imports without it
+    from tokenizers import Tokenizer as _BackendTokenizer
 
 try:  # optional, as in the official cleaning; without it prompts skip only the mojibake repair step
     import ftfy
@@ -370,6 +372,8 @@ class Tokenizer:
     """
 
     def __init__(self, backend: _BackendTokenizer, *, text_len: int = 512) -> None:
+        from tokenizers import processors
+
         self.text_len = text_len
         self.pad_id = _required_token_id(backend, PAD_TOKEN)
         self.eos_id = _required_token_id(backend, EOS_TOKEN)
@@ -399,6 +403,8 @@ class Tokenizer:
                 "folder (or tokenizer/tokenizer.json of a Wan Diffusers repo) there; spiece.model alone is "
                 "not supported"
             )
+        from tokenizers import Tokenizer as _BackendTokenizer
+
         return cls(_BackendTokenizer.from_file(str(file)), text_len=text_len)
 
     @classmethod
@@ -406,6 +412,9 @@ class Tokenizer:
         """Byte-level tokenizer of the tiny specs: id = UTF-8 byte + 3, pad 0, eos 1, unk 2 (vocab 259)."""
         byte_chars = _bytes_to_unicode()
         vocab = {PAD_TOKEN: 0, EOS_TOKEN: 1, UNK_TOKEN: 2} | {byte_chars[b]: b + 3 for b in range(256)}
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as _BackendTokenizer
+
         backend = _BackendTokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
         # ByteLevel maps each UTF-8 byte to one printable character (GPT-2 alphabet); Split isolates each.
         backend.pre_tokenizer = pre_tokenizers.Sequence(

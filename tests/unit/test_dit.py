@@ -1,8 +1,8 @@
 """WanModel against diffusers `WanTransformer3DModel` (an independent implementation) and official formulas.
 
-Parity runs in fp32 on the same random weights: our state dict, renamed with the official → diffusers table
-(diffusers `scripts/convert_wan_to_diffusers.py`, reference wan.md §12.1), loads into diffusers with
-strict=True, and both models see the same batch (B = 2, different timesteps, 512 context rows of which many
+Parity runs in fp32 on the same random weights: our state dict, renamed by the engine's own official →
+diffusers map (`engine.checkpoint.dit_to_diffusers`, after diffusers `scripts/convert_wan_to_diffusers.py`,
+reference wan.md §12.1), loads into diffusers with strict=True, and both models see the same batch (B = 2, different timesteps, 512 context rows of which many
 are zero, inputs with outliers).
 """
 
@@ -16,46 +16,12 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from engine.checkpoint import dit_from_diffusers, dit_to_diffusers
 from engine.configs import DiTConfig, from_name
 from engine.models.dit import WanModel, apply_rope, rope_split, rope_tables
 
-# Ordered substring replacements (dict order matters: the norm2 ↔ norm3 swap goes through a placeholder).
-OFFICIAL_TO_DIFFUSERS = {
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.modulation": "scale_shift_table",
-    "head.head": "proj_out",
-    "modulation": "scale_shift_table",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-    "norm2": "norm__placeholder",
-    "norm3": "norm2",
-    "norm__placeholder": "norm3",
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "self_attn.norm_q": "attn1.norm_q",
-    "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.norm_q": "attn2.norm_q",
-    "cross_attn.norm_k": "attn2.norm_k",
-}
-
 # Latent [F, H, W] of the tiny runs: 3 × 4 × 6 = 72 tokens, a different size on every axis.
 LATENT_SIZE = (3, 8, 12)
-
-
-def to_diffusers_key(key: str) -> str:
-    for old, new in OFFICIAL_TO_DIFFUSERS.items():
-        key = key.replace(old, new)
-    return key
 
 
 def build_diffusers(cfg: DiTConfig) -> WanTransformer3DModel:
@@ -118,7 +84,7 @@ def test_dit_matches_diffusers_fp32(name: str) -> None:
     cfg = PARITY_CONFIGS[name]
     ours = randomize(WanModel.from_config(cfg)).eval()
     theirs = build_diffusers(cfg).eval()
-    theirs.load_state_dict({to_diffusers_key(k): v for k, v in ours.state_dict().items()}, strict=True)
+    theirs.load_state_dict(dit_to_diffusers(ours.state_dict()), strict=True)
 
     inputs = make_inputs(cfg)
     x = inputs["x"]
@@ -143,12 +109,16 @@ def test_dit_matches_diffusers_fp32(name: str) -> None:
 )
 def test_dit_full_size_keys_match_official_on_meta(name: str, expected_tensors: int) -> None:
     cfg = from_name(name).dit
-    ours = {k: tuple(v.shape) for k, v in WanModel.meta(cfg).state_dict().items()}
+    ours_state = WanModel.meta(cfg).state_dict()
+    ours = {k: tuple(v.shape) for k, v in ours_state.items()}
     with torch.device("meta"):
-        theirs = {k: tuple(v.shape) for k, v in build_diffusers(cfg).state_dict().items()}
+        theirs_state = build_diffusers(cfg).state_dict()
+    theirs = {k: tuple(v.shape) for k, v in theirs_state.items()}
 
     assert len(ours) == expected_tensors
-    assert {to_diffusers_key(k): shape for k, shape in ours.items()} == theirs
+    assert {k: tuple(v.shape) for k, v in dit_to_diffusers(ours_state).items()} == theirs
+    # The loader's inverse map (diffusers `transformer/` folders) gives back exactly the official keys.
+    assert {k: tuple(v.shape) for k, v in dit_from_diffusers(theirs_state).items()} == ours
     # Official table (wan.md §2.1), spelled out: a shape wrong in both codebases would pass the comparison.
     d, f = cfg.dim, cfg.ffn_dim
     assert ours["patch_embedding.weight"] == (d, cfg.in_dim, 1, 2, 2)

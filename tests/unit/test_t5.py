@@ -1,7 +1,8 @@
 """umT5 encoder, tokenizers and TextEncoder (engine/models/t5.py) on the CPU with tiny configs.
 
 The encoder is checked against an independent implementation, transformers' `UMT5EncoderModel`, on the
-same random weights (official -> transformers key map of wan.md §9.3); the umT5 tokenizer path against
+same random weights, renamed by the engine's own official -> transformers map
+(`engine.checkpoint.t5_to_transformers`, wan.md §9.3); the umT5 tokenizer path against
 transformers' fast tokenizer reading the same tokenizer.json (what the official `AutoTokenizer` call runs).
 """
 
@@ -14,6 +15,7 @@ import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+from engine.checkpoint import t5_from_transformers, t5_to_transformers
 from engine.configs import T5Config, from_name
 from engine.models.t5 import (
     TextEncoder,
@@ -28,28 +30,6 @@ TINY_T5 = from_name("tiny-t2v").t5  # dim 64, 4 heads of 16, 2 layers, vocab 259
 WIDE_ATTN_T5 = T5Config(
     vocab=300, dim=48, dim_attn=64, dim_ffn=96, num_heads=4, num_layers=3, tokenizer="bytes"
 )
-
-
-def _to_transformers_key(key: str) -> list[str]:
-    """Official key -> transformers UMT5EncoderModel key(s), wan.md §9.3 (token_embedding is tied to two)."""
-    if key == "token_embedding.weight":
-        return ["shared.weight", "encoder.embed_tokens.weight"]
-    if key == "norm.weight":
-        return ["encoder.final_layer_norm.weight"]
-    _, n, rest = key.split(".", 2)
-    table = {
-        "norm1.weight": "layer.0.layer_norm.weight",
-        "attn.q.weight": "layer.0.SelfAttention.q.weight",
-        "attn.k.weight": "layer.0.SelfAttention.k.weight",
-        "attn.v.weight": "layer.0.SelfAttention.v.weight",
-        "attn.o.weight": "layer.0.SelfAttention.o.weight",
-        "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
-        "norm2.weight": "layer.1.layer_norm.weight",
-        "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
-        "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
-        "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
-    }
-    return [f"encoder.block.{n}.{table[rest]}"]
 
 
 def _randomised_encoder(cfg: T5Config, seed: int) -> UMT5Encoder:
@@ -89,8 +69,12 @@ def _transformers_reference(model: UMT5Encoder, cfg: T5Config) -> torch.nn.Modul
         dropout_rate=0.0,
     )
     reference = UMT5EncoderModel(hf_cfg).eval()
-    mapped = {new: t for key, t in model.state_dict().items() for new in _to_transformers_key(key)}
+    mapped = t5_to_transformers(model.state_dict())
+    # transformers holds the tied embedding twice (`shared` and `encoder.embed_tokens`); the map names it once.
+    mapped["encoder.embed_tokens.weight"] = mapped["shared.weight"]
     reference.load_state_dict(mapped, strict=True)
+    # The loader's inverse map (transformers `text_encoder/` folders) gives back exactly the official keys.
+    assert t5_from_transformers(reference.state_dict()).keys() == model.state_dict().keys()
     return reference
 
 

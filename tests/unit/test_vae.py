@@ -1,47 +1,22 @@
-"""WanVAE against diffusers' independent `AutoencoderKLWan` (same random weights, fp32), plus the official key
-set at full size, the frame arithmetic, streaming decode, causality across chunks and bf16 drift."""
+"""WanVAE against diffusers' independent `AutoencoderKLWan` (same random weights, fp32, renamed by the engine's
+own `engine.checkpoint.vae_to_diffusers`), plus the official key set at full size, the frame arithmetic,
+streaming decode, causality across chunks and bf16 drift."""
 
 from __future__ import annotations
 
 import copy
 import math
-import re
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
+from engine.checkpoint import vae_from_diffusers, vae_to_diffusers
 from engine.configs import VAEConfig, from_name
 from engine.models.vae import LATENT_MEAN, LATENT_STD, WanVAE
 
 TINY = from_name("tiny-t2v").vae
 FRAMES, HEIGHT, WIDTH = 9, 32, 48
-
-
-def official_to_diffusers(key: str, num_res_blocks: int = 2) -> str:
-    """Rename one `Wan2.1_VAE.pth` key to diffusers' (reference wan.md §12.2, diffusers `convert_vae`)."""
-    key = re.sub(r"^conv1\.", "quant_conv.", key)
-    key = re.sub(r"^conv2\.", "post_quant_conv.", key)
-    key = re.sub(r"^(encoder|decoder)\.conv1\.", r"\1.conv_in.", key)
-    key = re.sub(r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out.", key)
-    key = re.sub(r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out.", key)
-    key = re.sub(r"\.middle\.0\.", ".mid_block.resnets.0.", key)
-    key = re.sub(r"\.middle\.1\.", ".mid_block.attentions.0.", key)
-    key = re.sub(r"\.middle\.2\.", ".mid_block.resnets.1.", key)
-    key = re.sub(r"^encoder\.downsamples\.", "encoder.down_blocks.", key)
-    # Decoder stages hold num_res_blocks + 1 ResidualBlocks then one Resample, flattened in the official list.
-    stage_len = num_res_blocks + 2
-
-    def up_block(match: re.Match[str]) -> str:
-        stage, slot = divmod(int(match.group(1)), stage_len)
-        inner = "upsamplers.0" if slot == stage_len - 1 else f"resnets.{slot}"
-        return f"decoder.up_blocks.{stage}.{inner}."
-
-    key = re.sub(r"^decoder\.upsamples\.(\d+)\.", up_block, key)
-    for official, renamed in (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
-                              ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut.")):
-        key = key.replace(official, renamed)
-    return key
 
 
 def diffusers_vae(cfg: VAEConfig) -> torch.nn.Module:
@@ -80,7 +55,7 @@ def models() -> tuple[WanVAE, torch.nn.Module]:
     ours = WanVAE.from_config(TINY).eval()
     randomize_(ours, torch.Generator().manual_seed(1))
     ref = diffusers_vae(TINY).eval()
-    ref.load_state_dict({official_to_diffusers(k): v for k, v in ours.state_dict().items()}, strict=True)
+    ref.load_state_dict(vae_to_diffusers(ours.state_dict()), strict=True)
     return ours, ref
 
 
@@ -159,8 +134,11 @@ def test_vae_full_size_keys_match_official_and_diffusers() -> None:
         assert tuple(sd[key].shape) == shape, key
     with torch.device("meta"):
         ref_sd = diffusers_vae(VAEConfig()).state_dict()
-    renamed = {official_to_diffusers(k): tuple(v.shape) for k, v in sd.items()}
+    renamed = {k: tuple(v.shape) for k, v in vae_to_diffusers(sd).items()}
     assert renamed == {k: tuple(v.shape) for k, v in ref_sd.items()}
+    # The loader's inverse map (diffusers `vae/` folders) gives back exactly the official keys.
+    restored = {k: tuple(v.shape) for k, v in vae_from_diffusers(ref_sd).items()}
+    assert restored == {k: tuple(v.shape) for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("num_frames", [1, 5, 9, 13])
