@@ -337,7 +337,7 @@ class ModelFiles:
     dit: tuple[Path, ...]  # one per expert, high-noise expert first
     vae: Path
     t5: Path
-    tokenizer: Path  # tokenizer.json
+    tokenizer: Path  # tokenizer.json (unused by the tiny specs' byte-level tokenizer)
 
 
 def _dit_in_folder(folder: Path) -> Path | None:
@@ -390,7 +390,10 @@ def find_model_files(spec: ModelSpec, root: str | Path, *, quantized: bool | Non
     t5 = root / T5_FILE if (root / T5_FILE).exists() else root / "text_encoder"
     tokenizer = next((root / d / "tokenizer.json" for d in T5_TOKENIZER_DIRS if (root / d / "tokenizer.json").exists()),
                      root / T5_TOKENIZER_DIRS[0] / "tokenizer.json")
-    for what, path in (("VAE", vae), ("text encoder", t5), ("tokenizer", tokenizer)):
+    needed = [("VAE", vae), ("text encoder", t5)]
+    if spec.t5.tokenizer == "umt5-xxl":  # the tiny specs' byte-level tokenizer needs no file
+        needed.append(("tokenizer", tokenizer))
+    for what, path in needed:
         if not path.exists():
             raise CheckpointError(f"{root}: no {what} found (expected {path}); see the README's checkpoint layout")
     return ModelFiles(dit=tuple(dit), vae=vae, t5=t5, tokenizer=tokenizer)

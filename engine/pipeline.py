@@ -28,6 +28,7 @@ from engine.configs import ModelSpec, from_name
 from engine.models.dit import WanModel
 from engine.models.t5 import TextEncoder
 from engine.models.vae import WanVAE
+from engine.ops.attention import BACKENDS, DEFAULT_TOPK
 from engine.sampling import (
     SamplingCanceled,
     cfg_velocity,
@@ -134,7 +135,7 @@ class Pipeline:
         Args:
             checkpoint_dir: a folder in one of the layouts of `engine.checkpoint`. None → random weights,
                 allowed for the tiny specs (tests, CPU demo) or with `random_weights=True` (benchmarks).
-            attention: self-attention backend; default "sdpa" (the only backend until SageSLA lands).
+            attention: self-attention backend; default "sagesla" on CUDA, "sdpa" on the CPU.
             quant: "w8a8" or None.
             offload_idle_expert: keep only the active A14B expert on the GPU, the other parked on the CPU.
             dtype: matmul dtype; default bf16 on CUDA, fp32 on CPU.
@@ -142,8 +143,11 @@ class Pipeline:
         spec = from_name(model)
         dev = torch.device(device) if device else default_device()
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        attention = attention or "sdpa"
-        topk = 0.1 if topk is None else topk
+        # TurboDiffusion serves with SageSLA at topk 0.1; the CPU (no FP8/INT8 tensor cores) runs dense SDPA.
+        attention = attention or ("sagesla" if dev.type == "cuda" else "sdpa")
+        topk = DEFAULT_TOPK if topk is None else topk
+        if attention not in BACKENDS:
+            raise ValueError(f"attention {attention!r} is not one of {BACKENDS}")
         if quant not in (None, "w8a8"):
             raise ValueError(f"quant {quant!r} is not one of None, 'w8a8'")
         if quant is not None:
@@ -153,9 +157,9 @@ class Pipeline:
             if not (spec.is_tiny or random_weights):
                 raise ValueError(f"model {model!r} needs checkpoint_dir (random weights only for tiny specs "
                                  "or with random_weights=True)")
-            text_encoder, experts, vae = _random_models(spec, n_experts, dev, dtype, attention)
+            text_encoder, experts, vae = _random_models(spec, n_experts, dev, dtype, attention, topk)
         else:
-            text_encoder, experts, vae = _checkpoint_models(spec, Path(checkpoint_dir), dev, dtype, attention)
+            text_encoder, experts, vae = _checkpoint_models(spec, Path(checkpoint_dir), dev, dtype, attention, topk)
         if offload_idle_expert and n_experts > 1:
             experts[1].to("cpu")
         return cls(spec, text_encoder, experts, vae, dev, attention=attention, topk=topk,
@@ -205,6 +209,8 @@ class Pipeline:
         if not 0 < topk <= 1:
             raise ValueError(f"topk {topk} must be in (0, 1]")
         attention = request.attention or self.attention
+        if attention not in BACKENDS:
+            raise ValueError(f"attention {attention!r} is not one of {BACKENDS}")
         return replace(request, width=width, height=height, num_frames=num_frames, steps=steps,
                        sigma_max=sigma_max, seed=seed, topk=topk, attention=attention)
 
@@ -218,6 +224,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         for expert in self.experts:
             expert.attention_backend = req.attention
+            expert.attention_topk = req.topk
 
         def check_cancel() -> None:
             if cancel():
@@ -349,12 +356,14 @@ class Pipeline:
 
 
 def _random_models(spec: ModelSpec, n_experts: int, device: torch.device, dtype: torch.dtype,
-                   attention: str) -> tuple[TextEncoder, list[WanModel], WanVAE]:
+                   attention: str, topk: float) -> tuple[TextEncoder, list[WanModel], WanVAE]:
     """Deterministic random weights (seeded per spec), for the tiny specs and the benchmarks."""
     with _fork_rng(seed=0):
         with torch.device(device):
             text_encoder = TextEncoder.from_spec(spec.t5, device=device, dtype=dtype)
-            experts = [WanModel.from_config(spec.dit, attention=attention) for _ in range(n_experts)]
+            # With SLA's proj_l, so the sparse backends run (and time) their linear branch too.
+            experts = [WanModel.from_config(spec.dit, attention=attention, topk=topk, sla_proj=True)
+                       for _ in range(n_experts)]
             vae = WanVAE.from_config(spec.vae)
         for expert in experts:
             _randomize_zero_init(expert)
@@ -384,14 +393,15 @@ def _fork_rng(seed: int) -> Iterator[None]:
 
 
 def _checkpoint_models(spec: ModelSpec, root: Path, device: torch.device, dtype: torch.dtype,
-                       attention: str) -> tuple[TextEncoder, list[WanModel], WanVAE]:
+                       attention: str, topk: float) -> tuple[TextEncoder, list[WanModel], WanVAE]:
     files = checkpoint.find_model_files(spec, root)
     experts = []
     for path in files.dit:
-        with torch.device("meta"):
-            model = WanModel.from_config(spec.dit, attention=attention)
-        model.to_inference_dtype(dtype)
         state = checkpoint.normalize_dit_state_dict(checkpoint.read_state_dict(path), spec.dit.in_dim)
+        sla_proj = any(checkpoint.SLA_PROJ_SUFFIX in key for key in state)  # TurboWan files carry proj_l
+        with torch.device("meta"):
+            model = WanModel.from_config(spec.dit, attention=attention, topk=topk, sla_proj=sla_proj)
+        model.to_inference_dtype(dtype)
         experts.append(checkpoint.load_into(model, state, device=device, source=str(path)))
     with torch.device("meta"):
         vae = WanVAE.from_config(spec.vae).to(dtype)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from engine.configs import DiTConfig
-from engine.ops.attention import BACKENDS, attention
+from engine.ops.attention import BACKENDS, DEFAULT_TOPK, attention
 
 # RoPE tables of this many token grids (F', H', W', device) stay cached per model: the presets of one
 # deployment use a handful of grids, and an unbounded dict would grow with every new video size.
@@ -59,6 +59,8 @@ class WanModel(nn.Module):
         patch_size: tuple[int, int, int] = (1, 2, 2),
         eps: float = 1e-6,
         attention: str = "sdpa",
+        topk: float = DEFAULT_TOPK,
+        sla_proj: bool = False,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -79,8 +81,10 @@ class WanModel(nn.Module):
         self.out_dim = out_dim
         self.patch_size = tuple(patch_size)
         self.eps = eps
-        # Backend of the self-attention (cross-attention is always dense SDPA); may be changed at any time.
+        # Backend of the self-attention (cross-attention is always dense SDPA) and the fraction of key blocks
+        # the sparse backends keep; both may be changed at any time.
         self.attention_backend = attention
+        self.attention_topk = topk
         self.compute_dtype = torch.float32  # the matmul dtype, set by to_inference_dtype
         # (cos, sin) RoPE tables keyed by (token grid, device); a plain dict, so never in the state dict.
         self._rope_cache: dict[tuple[Grid, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -92,7 +96,7 @@ class WanModel(nn.Module):
         # Shared by all blocks; each block adds its own learned `modulation` bias.
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(
-            [WanAttentionBlock(dim, ffn_dim, num_heads, eps) for _ in range(num_layers)]
+            [WanAttentionBlock(dim, ffn_dim, num_heads, eps, sla_proj) for _ in range(num_layers)]
         )
         self.head = Head(dim, out_dim, self.patch_size, eps)
         self.init_weights()
@@ -125,6 +129,9 @@ class WanModel(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+        for block in self.blocks:  # SLA's proj_l starts at zero: the linear branch is learned in fine-tuning
+            if block.self_attn.attn_op is not None:
+                nn.init.zeros_(block.self_attn.attn_op.local_attn.proj_l.weight)
 
     def matmul_modules(self) -> list[nn.Module]:
         """The layers that run in `compute_dtype`: patch/text embedding and every block's Linears."""
@@ -189,7 +196,7 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(self.compute_dtype))  # [B, text_len, D]
         rope = self._rope(grid, x.device)
         for block in self.blocks:
-            tokens = block(tokens, e0, context, rope, self.attention_backend)
+            tokens = block(tokens, e0, context, rope, self.attention_backend, self.attention_topk)
 
         out = self.head(tokens, e)  # [B, L, pt·ph·pw·out_dim] fp32
         # Unpatchify as the official einsum "fhwpqrc->cfphqwr"; head features are (pt, ph, pw, C), C fastest.
@@ -227,13 +234,13 @@ class WanModel(nn.Module):
 class WanAttentionBlock(nn.Module):
     """Self-attention (modulated, gated, RoPE), plain cross-attention to the text, FFN (modulated, gated)."""
 
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float) -> None:
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, sla_proj: bool = False) -> None:
         super().__init__()
         self.compute_dtype = torch.float32  # set by WanModel.to_inference_dtype
         # Official names: norm1 before self-attention, norm3 (affine) before cross-attention, norm2 before
         # the FFN (diffusers swaps norm2 and norm3).
         self.norm1 = WanLayerNorm(dim, eps)
-        self.self_attn = WanSelfAttention(dim, num_heads, eps)
+        self.self_attn = WanSelfAttention(dim, num_heads, eps, sla_proj)
         self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(dim, num_heads, eps)
         self.norm2 = WanLayerNorm(dim, eps)
@@ -249,13 +256,14 @@ class WanAttentionBlock(nn.Module):
         context: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attention_backend: str,
+        topk: float,
     ) -> torch.Tensor:
         """x [B, L, D] → [B, L, D] fp32; e0 [B, 6, D] fp32; context [B, text_len, D] in compute_dtype."""
         # Six [B, 1, D] fp32 vectors (official order: shift, scale, gate for attention, then for the FFN).
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).chunk(6, dim=1)
 
         h = self.norm1(x).float() * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(self.compute_dtype), rope, attention_backend) * gate1
+        x = x + self.self_attn(h.to(self.compute_dtype), rope, attention_backend, topk) * gate1
 
         x = x + self.cross_attn(self.norm3(x).to(self.compute_dtype), context)
 
@@ -266,7 +274,7 @@ class WanAttentionBlock(nn.Module):
 class WanSelfAttention(nn.Module):
     """Self-attention over the video tokens: q/k RMSNorm over the full dim, 3-D RoPE, pluggable backend."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float, sla_proj: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
@@ -275,16 +283,35 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+        # TurboWan checkpoints carry SLA's linear-branch projection under TurboDiffusion's module path.
+        self.attn_op = SLAProjection(dim // num_heads) if sla_proj else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: str,
+                topk: float) -> torch.Tensor:
         """x [B, L, D] in the matmul dtype → [B, L, D] in the matmul dtype."""
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh] fp32
         k = self.norm_k(self.k(x)).unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh] fp32
         v = self.v(x).unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh]
         q = apply_rope(q, *rope).to(v.dtype)
         k = apply_rope(k, *rope).to(v.dtype)
-        out = attention(q, k, v, backend=backend)  # [B, L, H, Dh]
+        proj_l = self.attn_op.local_attn.proj_l if self.attn_op is not None else None
+        out = attention(q, k, v, backend=backend, topk=topk, proj_l=proj_l)  # [B, L, H, Dh]
         return self.o(out.flatten(2))
+
+
+class SLAProjection(nn.Module):
+    """Holder of SLA's `proj_l` at TurboDiffusion's key path `self_attn.attn_op.local_attn.proj_l`.
+
+    proj_l is Linear(head_dim, head_dim), fp32, shared by the heads, zero-initialised before SLA fine-tuning
+    (so a zero proj_l is exactly "no linear branch"); only the sparse backends use it, dense SDPA ignores it.
+    """
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.local_attn = nn.Module()
+        self.local_attn.proj_l = nn.Linear(head_dim, head_dim)
+        nn.init.zeros_(self.local_attn.proj_l.weight)
+        nn.init.zeros_(self.local_attn.proj_l.bias)
 
 
 class WanCrossAttention(nn.Module):
