@@ -1,0 +1,824 @@
+"""Sparse-linear attention (SLA) and its quantized form SageSLA, as Triton kernels with a torch reference.
+
+Algorithm (TurboDiffusion's `turbodiffusion/SLA`, identical to thu-ml/SLA `main`; arXiv 2509.24006), for
+q, k, v of shape [B, L, H, D] (self-attention, one L), D in {64, 128}, softmax scale 1/sqrt(D):
+
+1. Block map (`utils.py: get_block_map`). K is smoothed by its token mean km[b, h, :]; q is mean-pooled over
+   blocks of `block_q` tokens and the smoothed k over blocks of `block_k` tokens (a ragged last block is
+   averaged over its real tokens); score = pooled_q @ pooled_kᵀ (no scale, no softmax: the ranking is all that
+   matters). Every query block keeps its `max(1, int(topk · Nk))` best key blocks (Nk = ceil(L / block_k));
+   the original has no lower clamp and gives 0/0 = NaN when the count rounds to 0.
+2. Sparse branch: softmax attention of each query block over the keys of its kept blocks only. Keys past L are
+   never counted (masked to -inf; sageattention 1.0.6 on PyPI forgot this, see docs/notes/attention.md).
+3. Linear branch over all keys, φ = softmax over the head dim applied to raw q and raw k:
+   o_l = φ(Q) (φ(K)ᵀ V) / (φ(Q) · Σ_t φ(K_t) + 1e-5).
+4. out = o_s + proj_l(o_l), proj_l = Linear(D, D) with fp32 weights from the checkpoint, shared by the heads.
+   proj_l is zero-initialised in training, so an absent proj_l skips the linear branch exactly.
+
+Backends of `sparse_linear_attention`:
+- "torch": `sparse_linear_attention_reference`, fp32, the definition the kernels are tested against.
+- "sla": Triton, q·k and p·v in the input's 16-bit dtype with fp32 accumulation; forward and backward
+  (`torch.autograd.Function`), so it can be fine-tuned. The linear branch stays in torch (autograd).
+- "sagesla" (forward only, SageAttention2 + SpargeAttn's recipe, arXiv 2411.10958): K smoothed, Q and K
+  quantized to INT8 with one scale per block (Q's scale folds in the softmax scale · log2(e), so the kernel
+  uses exp2 on the dequantized score), P·V in FP8 e4m3 (P shifted by log2(448) into [0, 448], V scaled per
+  channel by absmax/448, two-level accumulation: one fresh accumulator per key block added into fp32) or in
+  the 16-bit input dtype (`fp8_pv=False`; GPUs without FP8). The linear branch and proj_l run in the kernel
+  epilogue; its key-side sums φ(K)ᵀV and Σφ(K) come out of the same pass that takes the K mean and V absmax.
+
+Pipeline of the Triton backends (tensor layouts):
+  _kv_stats_kernel     k, v [B, L, H, D] -> per-chunk partial Σk, max|v|, φ(K)ᵀV, Σφ(K)   (one read of k, v)
+  _prepare_q_kernel    q -> pooled q [B·H, Mq, D] fp32 (+ int8 q [B·H, Mq·block_q, D], scale [B·H, Mq])
+  _prepare_kv_kernel   k, v -> pooled smoothed k [B·H, Nk, D] (+ int8 k, scale [B·H, Nk], fp8 vᵀ [B·H, D, L_pad])
+  torch.topk           pooled scores -> LUT [B·H, Mq, n_sel] of kept key-block ids
+  _sagesla_fwd_kernel / _sla_fwd_kernel   one program per (query block, b·h), loops over its LUT entries
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+Backend = Literal["torch", "sla", "sagesla"]
+BACKENDS: tuple[str, ...] = ("torch", "sla", "sagesla")
+HEAD_DIMS: tuple[int, ...] = (64, 128)
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): the kernels use exp2 (Triton tutorial 06)
+FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn
+# p = exp2(s - m + log2 448) puts the row maximum of P at 448, the top of e4m3 (SageAttention2
+# `update_mdo(..., exp_offset)` uses 8.807, slightly under log2 448 = 8.8074, so exp2 never exceeds 448).
+FP8_P_SHIFT = 8.807
+LINEAR_EPS = 1e-5  # denominator guard of the linear branch (SLA `calc_linear`)
+_LINEAR_EPS = tl.constexpr(LINEAR_EPS)  # the same, readable inside @triton.jit code
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel fills goes through here (tests swap it for a poisoning allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def kept_blocks(topk: float, n_key_blocks: int) -> int:
+    """Key blocks kept per query block: int(topk · Nk) as in SLA, clamped to [1, Nk] (0 would give NaN)."""
+    return max(1, min(n_key_blocks, int(topk * n_key_blocks)))
+
+
+def default_block_sizes(device: torch.device) -> tuple[int, int]:
+    """(block_q, block_k): 64×128 on sm90, the wgmma CTA shape SageSLA uses there; 128×64 elsewhere (SLA)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return 64, 128
+    return 128, 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference (fp32 torch): the definition.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, ceil(L / block), D]: mean over each block's real tokens."""
+    batch, heads, seq, dim = x.shape
+    n_blocks = triton.cdiv(seq, block)
+    padded = F.pad(x, (0, 0, 0, n_blocks * block - seq))
+    sums = padded.view(batch, heads, n_blocks, block, dim).sum(3)  # [B, H, N, D]
+    counts = torch.full((n_blocks,), float(block), device=x.device)
+    counts[-1] = seq - (n_blocks - 1) * block
+    return sums / counts[:, None]
+
+
+def block_map_reference(q: torch.Tensor, k: torch.Tensor, *, topk: float, block_q: int,
+                        block_k: int) -> torch.Tensor:
+    """SLA's block selection. q, k [B, L, H, D] -> bool [B, H, Mq, Nk], True = key block kept."""
+    q32 = q.float().transpose(1, 2)  # [B, H, L, D]
+    k32 = k.float().transpose(1, 2)
+    k_smooth = k32 - k32.mean(dim=2, keepdim=True)
+    score = _mean_pool(q32, block_q) @ _mean_pool(k_smooth, block_k).transpose(-1, -2)  # [B, H, Mq, Nk]
+    n_sel = kept_blocks(topk, score.shape[-1])
+    kept = torch.zeros_like(score, dtype=torch.bool)
+    return kept.scatter_(-1, score.topk(n_sel, dim=-1).indices, True)
+
+
+def _feature_map(x: torch.Tensor) -> torch.Tensor:
+    """φ of SLA's linear branch: softmax over the head dim."""
+    return torch.softmax(x, dim=-1)
+
+
+def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """φ(Q)(φ(K)ᵀV) / (φ(Q)·Σφ(K) + 1e-5) over all keys, fp32. [B, L, H, D] in, [B, L, H, D] fp32 out."""
+    phi_q, phi_k = _feature_map(q.float()), _feature_map(k.float())
+    kv = torch.einsum("blhd,blhe->bhde", phi_k, v.float())  # [B, H, D, D]
+    k_sum = phi_k.sum(dim=1)  # [B, H, D]
+    numerator = torch.einsum("blhd,bhde->blhe", phi_q, kv)
+    denominator = torch.einsum("blhd,bhd->blh", phi_q, k_sum)[..., None] + LINEAR_EPS
+    return numerator / denominator
+
+
+def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor,
+                               *, block_q: int, block_k: int) -> torch.Tensor:
+    """Softmax attention restricted to the kept blocks of `kept` [B, H, Mq, Nk]; fp32 [B, L, H, D] out.
+
+    Runs over chunks of query blocks so full Wan shapes fit in memory (no L × L matrix at once).
+    """
+    q32, k32, v32 = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    seq, dim = q32.shape[2], q32.shape[3]
+    key_block_of_token = torch.arange(seq, device=q.device) // block_k
+    out = torch.empty_like(q32)
+    blocks_per_chunk = max(1, 2048 // block_q)
+    for first_block in range(0, kept.shape[2], blocks_per_chunk):
+        rows = slice(first_block * block_q, min(seq, (first_block + blocks_per_chunk) * block_q))
+        scores = q32[:, :, rows] @ k32.transpose(-1, -2) / math.sqrt(dim)  # [B, H, rows, L]
+        query_block_of_row = torch.arange(rows.start, rows.stop, device=q.device) // block_q
+        token_kept = kept[:, :, query_block_of_row][..., key_block_of_token]  # [B, H, rows, L]
+        scores = scores.masked_fill(~token_kept, float("-inf"))
+        out[:, :, rows] = torch.softmax(scores, dim=-1) @ v32
+    return out.transpose(1, 2)
+
+
+def sparse_linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float,
+                                      block_q: int, block_k: int,
+                                      proj_l: torch.nn.Linear | None = None) -> torch.Tensor:
+    """SLA forward in fp32: block map, sparse softmax branch, linear branch through proj_l. [B, L, H, D]."""
+    kept = block_map_reference(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    out = sparse_attention_reference(q, k, v, kept, block_q=block_q, block_k=block_k)
+    if proj_l is not None:
+        out = out + F.linear(linear_branch_reference(q, k, v), proj_l.weight.float(), proj_l.bias.float())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels: block-map inputs, quantization, statistics.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kv_stats_kernel(
+    # pointers: inputs [B, L, H, D]; partial outputs per (b·h, chunk)
+    K, V, KSumPart, VMaxPart, KVPart, KZPart,
+    # sizes
+    L, H, BLOCKS_PER_CHUNK,
+    # strides of k and v in elements (batch, token, head; the head dim is contiguous)
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, V_ABSMAX: tl.constexpr, LINEAR: tl.constexpr,
+):
+    """Partial Σk, max|v|, φ(K)ᵀV, Σφ(K) of one chunk of BLOCKS_PER_CHUNK key blocks, one (b, h).
+
+    Partials (not atomics) keep the sums deterministic, so the block map does not change between runs.
+    """
+    pid_chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(0)
+    batch, head = pid_bh // H, pid_bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    kv = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
+    k_feature_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    first_block = pid_chunk * BLOCKS_PER_CHUNK
+    for block in range(first_block, first_block + BLOCKS_PER_CHUNK):
+        rows = block * BLOCK_N + offs_n
+        valid = rows < L
+        rows64 = rows.to(tl.int64)
+        k_raw = tl.load(k_base + rows64[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = k_raw.to(tl.float32)
+        k_sum += tl.sum(k, axis=0)
+        if V_ABSMAX or LINEAR:
+            v_raw = tl.load(v_base + rows64[:, None] * stride_vl + offs_d[None, :], mask=valid[:, None],
+                            other=0.0)
+            if V_ABSMAX:
+                v_max = tl.maximum(v_max, tl.max(tl.abs(v_raw.to(tl.float32)), axis=0))
+            if LINEAR:
+                k_exp = tl.exp(k - tl.max(k, axis=1)[:, None])
+                phi_k = k_exp / tl.sum(k_exp, axis=1)[:, None]
+                phi_k = tl.where(valid[:, None], phi_k, 0.0)  # padded tokens are no keys
+                k_feature_sum += tl.sum(phi_k, axis=0)
+                kv = tl.dot(tl.trans(phi_k.to(v_raw.dtype)), v_raw, kv)  # [D, D] += φ(K)ᵀ V
+    part = pid_bh * n_chunks + pid_chunk
+    tl.store(KSumPart + part * HEAD_DIM + offs_d, k_sum)
+    if V_ABSMAX:
+        tl.store(VMaxPart + part * HEAD_DIM + offs_d, v_max)
+    if LINEAR:
+        tl.store(KZPart + part * HEAD_DIM + offs_d, k_feature_sum)
+        tl.store(KVPart + part * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], kv)
+
+
+@triton.jit
+def _quantize_int8(x, valid_rows, PER_ROW: tl.constexpr):
+    """Symmetric INT8 of a [rows, D] fp32 tile: (int8 tile, scale = absmax / 127 per row or per tile).
+
+    Rounds half away from zero like SageAttention's `quant_per_block_int8_kernel`; invalid rows become 0.
+    """
+    row_amax = tl.max(tl.abs(x), axis=1)
+    if PER_ROW:
+        amax = row_amax[:, None]
+        scale = row_amax / 127.0
+    else:
+        amax = tl.max(row_amax, axis=0)
+        scale = amax / 127.0
+    inv_scale = 127.0 / tl.maximum(amax, 1e-30)  # an all-zero tile stays 0
+    scaled = x * inv_scale
+    x8 = tl.where(scaled >= 0, scaled + 0.5, scaled - 0.5).to(tl.int8)  # the cast truncates toward zero
+    x8 = tl.where(valid_rows[:, None], x8, 0).to(tl.int8)
+    return x8, scale
+
+
+@triton.jit
+def _prepare_q_kernel(
+    # pointers: q [B, L, H, D]; pooled q [B·H, Mq, D] fp32; int8 q [B·H, Mq·BLOCK_M, D] + per-token scales
+    # [B·H, Mq·BLOCK_M]
+    Q, QPool, Q8, QScale,
+    # sizes and the score scale folded into q before quantization (1/sqrt(D) · log2 e)
+    L, H, qk_scale_log2,
+    # strides of q in elements (batch, token, head)
+    stride_qb, stride_ql, stride_qh,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
+):
+    """Mean-pool one query block (and quantize it to INT8 with sm_scale·log2 e folded into its scale).
+
+    Q gets one scale per token, not per block: the score is multiplied by a per-row vector instead of a
+    scalar (same cost), and Q outlier channels then only coarsen their own token (measured on CPU in
+    docs/notes/attention.md: rel-L1 0.027 -> 0.016 with two ×4 channels).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_qblocks = tl.num_programs(0)
+    batch, head = pid_bh // H, pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = rows < L
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + rows.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+    count = tl.minimum(L - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    tl.store(QPool + (pid_bh * n_qblocks + pid_m) * HEAD_DIM + offs_d, tl.sum(q, axis=0) / count)
+    if QUANT:
+        q8, scale = _quantize_int8(q * qk_scale_log2, valid, True)
+        padded_rows = n_qblocks * BLOCK_M
+        tl.store(Q8 + (pid_bh * padded_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :], q8)
+        tl.store(QScale + pid_bh * padded_rows + rows, scale)
+
+
+@triton.jit
+def _prepare_kv_kernel(
+    # pointers: k, v [B, L, H, D]; k mean [B·H, D]; v scale [B·H, D]; pooled smoothed k [B·H, Nk, D];
+    # int8 smoothed k [B·H, L_PAD, D] and scales [B·H, Nk]; fp8 vᵀ [B·H, D, L_PAD]
+    K, V, KMean, VScale, KPool, K8, KScale, V8T,
+    # sizes (L_PAD = Nk · BLOCK_N)
+    L, H, L_PAD,
+    # strides of k and v in elements (batch, token, head)
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT_K: tl.constexpr, V_FP8: tl.constexpr,
+):
+    """Pool one smoothed key block; optionally quantize it to INT8 and its V block to FP8 (transposed)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_kblocks = tl.num_programs(0)
+    batch, head = pid_bh // H, pid_bh % H
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = rows < L
+    rows64 = rows.to(tl.int64)
+    k_ptrs = K + batch * stride_kb + head * stride_kh + rows64[:, None] * stride_kl + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+    k_mean = tl.load(KMean + pid_bh * HEAD_DIM + offs_d)
+    k_smooth = tl.where(valid[:, None], k - k_mean[None, :], 0.0)
+    count = tl.minimum(L - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
+    tl.store(KPool + (pid_bh * n_kblocks + pid_n) * HEAD_DIM + offs_d, tl.sum(k_smooth, axis=0) / count)
+    if QUANT_K:
+        k8, scale = _quantize_int8(k_smooth, valid, False)
+        tl.store(K8 + (pid_bh * L_PAD + rows64)[:, None] * HEAD_DIM + offs_d[None, :], k8)
+        tl.store(KScale + pid_bh * n_kblocks + pid_n, scale)
+    if V_FP8:
+        v_ptrs = V + batch * stride_vb + head * stride_vh + rows64[:, None] * stride_vl + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        v_scale = tl.load(VScale + pid_bh * HEAD_DIM + offs_d)
+        v8 = (v / tl.maximum(v_scale, 1e-30)[None, :]).to(tl.float8e4nv)  # an all-zero channel stays 0
+        # stored transposed [D, L_PAD]: FP8 wgmma wants both operands K-major, and P·V reduces over tokens
+        tl.store(V8T + (pid_bh * HEAD_DIM + offs_d)[None, :] * L_PAD + rows64[:, None], v8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels: attention.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _attention_configs() -> list[triton.Config]:
+    """Warps × pipeline depth for the attention kernels; one config under the CPU interpreter."""
+    if _interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3))]
+
+
+def _fits_shared_memory(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Keep configs whose software pipeline fits the 227 KB of shared memory of an H100 block.
+
+    The pipeliner keeps num_stages - 1 K and V tiles in flight (BLOCK_N × D elements each, KV_BYTES bytes per
+    element of K and V together) beside the 16-bit-or-less Q tile; 200 KB leaves room for layout conversions.
+    """
+    args = {**named_args, **kwargs}
+    head_dim, block_m, block_n = args["HEAD_DIM"], args["BLOCK_M"], args["BLOCK_N"]
+    tile_bytes = block_n * head_dim * args["KV_BYTES"]
+    kept = [c for c in configs if (c.num_stages - 1) * tile_bytes + 2 * block_m * head_dim <= 200 * 1024]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _online_softmax_step(s, m_i, l_i, acc, P_SHIFT: tl.constexpr):
+    """Base-2 online softmax update for one key tile: returns (p, new max, new row sum, rescaled acc).
+
+    P_SHIFT moves the row maximum of p to 2**P_SHIFT (FP8: 448); l uses the same shifted p so it cancels.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.math.exp2(s - (m_new - P_SHIFT)[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc
+
+
+@triton.autotune(configs=_attention_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "PV_FP8", "DENSE", "LINEAR"],
+                 prune_configs_by={"early_config_prune": _fits_shared_memory})
+@triton.jit
+def _sagesla_fwd_kernel(
+    # pointers: int8 q [B·H, Mq·BLOCK_M, D] + scales [B·H, Mq·BLOCK_M]; int8 smoothed k [B·H, L_PAD, D] + scales
+    # [B·H, Nk]; v: fp8 vᵀ [B·H, D, L_PAD] (PV_FP8) or the input v [B, L, H, D]; v scales [B·H, D];
+    # LUT [B·H, Mq, N_SEL] of key-block ids; raw q [B, L, H, D], φ(K)ᵀV [B·H, D, D], Σφ(K) [B·H, D],
+    # proj_l weightᵀ [D, D] and bias [D] (LINEAR); output [B, L, H, D]
+    Q8, QScale, K8, KScale, V, VScale, LUT, Q, KV, KZ, ProjWT, ProjBias, Out,
+    # sizes
+    L, H, L_PAD, N_SEL,
+    # strides in elements (batch, token, head) of the input v, the raw q and the output
+    stride_vb, stride_vl, stride_vh, stride_qb, stride_ql, stride_qh, stride_ob, stride_ol, stride_oh,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BYTES: tl.constexpr,
+    PV_FP8: tl.constexpr, P_SHIFT: tl.constexpr, DENSE: tl.constexpr, LINEAR: tl.constexpr,
+):
+    """One query block of SageSLA: INT8 Q·Kᵀ over the LUT's key blocks, FP8 (or 16-bit) P·V, linear branch."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_qblocks = tl.num_programs(0)
+    n_kblocks = L_PAD // BLOCK_N
+    batch, head = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q8 = tl.load(Q8 + (pid_bh * n_qblocks * BLOCK_M + offs_m)[:, None] * HEAD_DIM + offs_d[None, :])
+    q_scale = tl.load(QScale + pid_bh * n_qblocks * BLOCK_M + offs_m)  # [BLOCK_M]
+    k_base = K8 + pid_bh * L_PAD * HEAD_DIM
+    lut_base = LUT + (pid_bh * n_qblocks + pid_m) * N_SEL
+    if PV_FP8:
+        v_base = V + pid_bh * HEAD_DIM * L_PAD
+    else:
+        v_base = V + batch * stride_vb + head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for i in range(N_SEL):
+        if DENSE:
+            key_block = i
+        else:
+            key_block = tl.load(lut_base + i)
+        keys = key_block * BLOCK_N + offs_n
+        k8 = tl.load(k_base + keys[None, :] * HEAD_DIM + offs_d[:, None])  # [D, BLOCK_N]
+        k_scale = tl.load(KScale + pid_bh * n_kblocks + key_block)
+        # dequantized score, already in log2 units (q's scale holds 1/sqrt(D) · log2 e); keys past L -> -inf
+        score_scale = q_scale * k_scale
+        s = tl.dot(q8, k8).to(tl.float32) * score_scale[:, None] + tl.where(keys < L, 0.0, float("-inf"))[None, :]
+        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, P_SHIFT)
+        if PV_FP8:
+            v8 = tl.load(v_base + offs_d[None, :] * L_PAD + keys[:, None])  # [BLOCK_N, D], token-contiguous
+            # `acc += dot` (not dot(..., acc)): Triton keeps the fp8 wgmma result in its own register tile and
+            # adds it in fp32, the two-level accumulation of SageAttention2 (no 22-bit accumulation across tiles)
+            acc += tl.dot(p.to(tl.float8e4nv), v8)
+        else:
+            v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=(keys < L)[:, None],
+                        other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    out = acc / l_i[:, None]
+    if PV_FP8:
+        out = out * tl.load(VScale + pid_bh * HEAD_DIM + offs_d)[None, :]
+
+    row_valid = offs_m < L
+    rows64 = offs_m.to(tl.int64)
+    if LINEAR:
+        q_ptrs = Q + batch * stride_qb + head * stride_qh + rows64[:, None] * stride_ql + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+        q_exp = tl.exp(q - tl.max(q, axis=1)[:, None])
+        phi_q = q_exp / tl.sum(q_exp, axis=1)[:, None]
+        kv = tl.load(KV + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        k_feature_sum = tl.load(KZ + pid_bh * HEAD_DIM + offs_d)
+        denominator = tl.sum(phi_q * k_feature_sum[None, :], axis=1) + _LINEAR_EPS
+        out_linear = tl.dot(phi_q, kv) / denominator[:, None]
+        proj_wt = tl.load(ProjWT + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        out += tl.dot(out_linear, proj_wt) + tl.load(ProjBias + offs_d)[None, :]
+    o_ptrs = Out + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.autotune(configs=_attention_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE"],
+                 prune_configs_by={"early_config_prune": _fits_shared_memory})
+@triton.jit
+def _sla_fwd_kernel(
+    # pointers: q, k, v [B, L, H, D] (16-bit); LUT [B·H, Mq, N_SEL]; output [B, L, H, D];
+    # base-2 log-sum-exp [B·H, Mq·BLOCK_M] fp32 for the backward
+    Q, K, V, LUT, Out, LSE,
+    # sizes and the score scale 1/sqrt(D) · log2 e
+    L, H, N_SEL, qk_scale_log2,
+    # strides in elements (batch, token, head); q, k, v and the output share one layout
+    stride_b, stride_l, stride_h,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BYTES: tl.constexpr,
+    DENSE: tl.constexpr,
+):
+    """One query block of SLA's sparse branch in 16-bit with fp32 accumulation (thu-ml/SLA `_attn_fwd`)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_qblocks = tl.num_programs(0)
+    batch, head = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = batch * stride_b + head * stride_h
+    row_valid = offs_m < L
+    q = tl.load(Q + base + offs_m.to(tl.int64)[:, None] * stride_l + offs_d[None, :], mask=row_valid[:, None],
+                other=0.0)
+    lut_base = LUT + (pid_bh * n_qblocks + pid_m) * N_SEL
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for i in range(N_SEL):
+        if DENSE:
+            key_block = i
+        else:
+            key_block = tl.load(lut_base + i)
+        keys = key_block * BLOCK_N + offs_n
+        key_valid = keys < L
+        kv_offs = base + keys.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+        k = tl.load(K + kv_offs, mask=key_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale_log2 + tl.where(key_valid, 0.0, float("-inf"))[None, :]
+        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, 0.0)
+        v = tl.load(V + kv_offs, mask=key_valid[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    tl.store(LSE + pid_bh * n_qblocks * BLOCK_M + offs_m, m_i + tl.math.log2(l_i))
+    o_ptrs = Out + base + offs_m.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _sla_bwd_dq_kernel(
+    # pointers: q, k, v, dO, dQ [B, L, H, D]; LSE, Delta [B·H, Mq·BLOCK_M] fp32; LUT [B·H, Mq, N_SEL]
+    Q, K, V, DO, DQ, LSE, Delta, LUT,
+    # sizes, scales
+    L, H, N_SEL, qk_scale_log2, sm_scale,
+    # strides in elements (batch, token, head), shared by all [B, L, H, D] tensors
+    stride_b, stride_l, stride_h,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """dQ of one query block: dS = P ∘ (dO Vᵀ − δ), dQ = sm_scale · dS K over the kept key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_qblocks = tl.num_programs(0)
+    batch, head = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = batch * stride_b + head * stride_h
+    row_valid = offs_m < L
+    row_offs = base + offs_m.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+    q = tl.load(Q + row_offs, mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + row_offs, mask=row_valid[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * n_qblocks * BLOCK_M + offs_m)
+    delta = tl.load(Delta + pid_bh * n_qblocks * BLOCK_M + offs_m)
+    lut_base = LUT + (pid_bh * n_qblocks + pid_m) * N_SEL
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for i in range(N_SEL):
+        keys = tl.load(lut_base + i) * BLOCK_N + offs_n
+        key_valid = keys < L
+        kv_offs = base + keys.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+        k = tl.load(K + kv_offs, mask=key_valid[:, None], other=0.0)
+        v = tl.load(V + kv_offs, mask=key_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale_log2 + tl.where(key_valid, 0.0, float("-inf"))[None, :]
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    tl.store(DQ + row_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _sla_bwd_dkdv_kernel(
+    # pointers: q, k, v, dO, dK, dV [B, L, H, D]; LSE, Delta [B·H, Mq·BLOCK_M] fp32;
+    # reverse LUT [B·H, Nk, Mq] (query blocks that kept each key block, first RevCount entries valid)
+    Q, K, V, DO, DK, DV, LSE, Delta, RevLUT, RevCount,
+    # sizes, scales
+    L, H, N_QBLOCKS, qk_scale_log2, sm_scale,
+    # strides in elements (batch, token, head), shared by all [B, L, H, D] tensors
+    stride_b, stride_l, stride_h,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """dK, dV of one key block, over only the query blocks that kept it (SLA scans every mask bit instead)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_kblocks = tl.num_programs(0)
+    batch, head = pid_bh // H, pid_bh % H
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = batch * stride_b + head * stride_h
+    key_valid = keys < L
+    key_offs = base + keys.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+    k = tl.load(K + key_offs, mask=key_valid[:, None], other=0.0)
+    v = tl.load(V + key_offs, mask=key_valid[:, None], other=0.0)
+    key_bias = tl.where(key_valid, 0.0, float("-inf"))
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    rev_base = RevLUT + (pid_bh * n_kblocks + pid_n) * N_QBLOCKS
+    n_queries = tl.load(RevCount + pid_bh * n_kblocks + pid_n)
+    for j in range(n_queries):
+        rows = tl.load(rev_base + j) * BLOCK_M + offs_m
+        row_valid = rows < L
+        row_offs = base + rows.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+        q = tl.load(Q + row_offs, mask=row_valid[:, None], other=0.0)
+        do = tl.load(DO + row_offs, mask=row_valid[:, None], other=0.0)
+        lse = tl.load(LSE + pid_bh * N_QBLOCKS * BLOCK_M + rows)
+        delta = tl.load(Delta + pid_bh * N_QBLOCKS * BLOCK_M + rows)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale_log2 + key_bias[:, None]  # [BLOCK_N, BLOCK_M]
+        # rows past L need no mask: their dO and δ load as 0, so they add nothing to dV or dK
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    tl.store(DK + key_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_valid[:, None])
+    tl.store(DV + key_offs, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _heads_first_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a [B, L, H, D] tensor whose head dim is contiguous."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _n_chunks(n_key_blocks: int, batch_heads: int, device: torch.device) -> int:
+    """Chunks per (b, h) for the statistics pass: about two programs per SM, no more chunks than blocks."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(n_key_blocks, triton.cdiv(2 * sms, batch_heads)))
+
+
+class _Prepared:
+    """What the block-selection pass produces for one call (all [B·H, ...], b·h = b·H + h)."""
+
+    def __init__(self, lut: torch.Tensor, n_sel: int, dense: bool, k_mean: torch.Tensor, **extra: torch.Tensor):
+        self.lut = lut  # [B·H, Mq, n_sel] int64 key-block ids, unsorted
+        self.n_sel = n_sel
+        self.dense = dense  # every block kept: the kernels walk the blocks in order, the LUT is unused
+        self.k_mean = k_mean  # [B·H, D]
+        self.extra = extra
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, block_q: int, block_k: int,
+             quantize: bool, fp8_pv: bool, linear: bool) -> _Prepared:
+    """Statistics, pooling (+ INT8/FP8 quantization) and the top-k block selection, for both Triton backends."""
+    batch, seq, heads, dim = q.shape
+    bh, device = batch * heads, q.device
+    n_qblocks, n_kblocks = triton.cdiv(seq, block_q), triton.cdiv(seq, block_k)
+    padded_keys = n_kblocks * block_k
+    chunks = _n_chunks(n_kblocks, bh, device)
+    blocks_per_chunk = triton.cdiv(n_kblocks, chunks)
+    chunks = triton.cdiv(n_kblocks, blocks_per_chunk)
+    f32 = torch.float32
+    k_sum_part = _empty((bh, chunks, dim), f32, device)
+    v_max_part = _empty((bh, chunks, dim), f32, device) if fp8_pv else None
+    kv_part = _empty((bh, chunks, dim, dim), f32, device) if linear else None
+    kz_part = _empty((bh, chunks, dim), f32, device) if linear else None
+    _kv_stats_kernel[(chunks, bh)](
+        k, v, k_sum_part, v_max_part, kv_part, kz_part,
+        seq, heads, blocks_per_chunk,
+        *_heads_first_strides(k), *_heads_first_strides(v),
+        BLOCK_N=block_k, HEAD_DIM=dim, V_ABSMAX=fp8_pv, LINEAR=linear, num_warps=4,
+    )
+    k_mean = k_sum_part.sum(dim=1) / seq  # [B·H, D]
+    extra: dict[str, torch.Tensor] = {}
+    if fp8_pv:
+        extra["v_scale"] = v_max_part.amax(dim=1) / FP8_E4M3_MAX  # [B·H, D]
+    if linear:
+        extra["kv"] = kv_part.sum(dim=1)  # [B·H, D, D]
+        extra["kz"] = kz_part.sum(dim=1)  # [B·H, D]
+
+    q_pool = _empty((bh, n_qblocks, dim), f32, device)
+    k_pool = _empty((bh, n_kblocks, dim), f32, device)
+    if quantize:
+        extra["q8"] = _empty((bh, n_qblocks * block_q, dim), torch.int8, device)
+        extra["q_scale"] = _empty((bh, n_qblocks * block_q), f32, device)
+        extra["k8"] = _empty((bh, padded_keys, dim), torch.int8, device)
+        extra["k_scale"] = _empty((bh, n_kblocks), f32, device)
+    if fp8_pv:
+        extra["v8t"] = _empty((bh, dim, padded_keys), torch.float8_e4m3fn, device)
+    _prepare_q_kernel[(n_qblocks, bh)](
+        q, q_pool, extra.get("q8"), extra.get("q_scale"),
+        seq, heads, LOG2E / math.sqrt(dim), *_heads_first_strides(q),
+        BLOCK_M=block_q, HEAD_DIM=dim, QUANT=quantize, num_warps=4,
+    )
+    _prepare_kv_kernel[(n_kblocks, bh)](
+        k, v, k_mean, extra.get("v_scale"), k_pool, extra.get("k8"), extra.get("k_scale"), extra.get("v8t"),
+        seq, heads, padded_keys, *_heads_first_strides(k), *_heads_first_strides(v),
+        BLOCK_N=block_k, HEAD_DIM=dim, QUANT_K=quantize, V_FP8=fp8_pv, num_warps=4,
+    )
+    n_sel = kept_blocks(topk, n_kblocks)
+    dense = n_sel == n_kblocks
+    if dense:
+        lut = torch.arange(n_kblocks, device=device).expand(bh, n_qblocks, n_kblocks)
+    else:
+        score = torch.bmm(q_pool, k_pool.transpose(1, 2))  # [B·H, Mq, Nk]
+        lut = score.topk(n_sel, dim=-1, sorted=False).indices
+    return _Prepared(lut.contiguous(), n_sel, dense, k_mean, **extra)
+
+
+def sparse_block_map(q: torch.Tensor, k: torch.Tensor, *, topk: float, block_q: int, block_k: int) -> torch.Tensor:
+    """The block map the Triton backends use (Triton pooling + top-k), as bool [B, H, Mq, Nk]."""
+    batch, _, heads, _ = q.shape
+    q, k = _as_kernel_input(q), _as_kernel_input(k)
+    prepared = _prepare(q, k, k, topk=topk, block_q=block_q, block_k=block_k, quantize=False, fp8_pv=False,
+                        linear=False)
+    n_kblocks = triton.cdiv(q.shape[1], block_k)
+    kept = torch.zeros((*prepared.lut.shape[:2], n_kblocks), dtype=torch.bool, device=q.device)
+    kept.scatter_(-1, prepared.lut, True)
+    return kept.view(batch, heads, -1, n_kblocks)
+
+
+def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """16-bit with a contiguous head dim: the kernels' input contract (fp32 goes to bf16, as SageSLA does)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        x = x.to(torch.bfloat16)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _sagesla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, block_q: int,
+                     block_k: int, proj_l: torch.nn.Linear | None, fp8_pv: bool) -> torch.Tensor:
+    batch, seq, heads, dim = q.shape
+    linear = proj_l is not None
+    prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=fp8_pv,
+                        linear=linear)
+    extra = prepared.extra
+    out = _empty((batch, seq, heads, dim), q.dtype, q.device)
+    if linear:
+        proj_wt = proj_l.weight.detach().float().t().contiguous()  # [D_in, D_out]
+        proj_bias = proj_l.bias.detach().float().contiguous()
+    else:
+        proj_wt = proj_bias = None
+    n_qblocks = triton.cdiv(seq, block_q)
+    padded_keys = triton.cdiv(seq, block_k) * block_k
+    _sagesla_fwd_kernel[(n_qblocks, batch * heads)](
+        extra["q8"], extra["q_scale"], extra["k8"], extra["k_scale"], extra["v8t"] if fp8_pv else v,
+        extra.get("v_scale"), prepared.lut, q, extra.get("kv"), extra.get("kz"), proj_wt, proj_bias, out,
+        seq, heads, padded_keys, prepared.n_sel,
+        *_heads_first_strides(v), *_heads_first_strides(q), *_heads_first_strides(out),
+        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, KV_BYTES=2 if fp8_pv else 3,
+        PV_FP8=fp8_pv, P_SHIFT=FP8_P_SHIFT if fp8_pv else 0.0, DENSE=prepared.dense, LINEAR=linear,
+    )
+    return out
+
+
+def _reverse_lut(lut: torch.Tensor, n_kblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each key block, the query blocks that kept it: ([B·H, Nk, Mq] int64, counts [B·H, Nk] int32)."""
+    kept = torch.zeros((*lut.shape[:2], n_kblocks), dtype=torch.int8, device=lut.device)
+    kept.scatter_(-1, lut, 1)  # [B·H, Mq, Nk]
+    kept_t = kept.transpose(1, 2)  # [B·H, Nk, Mq]
+    order = torch.sort(kept_t, dim=-1, descending=True, stable=True).indices  # kept query blocks first
+    return order.contiguous(), kept_t.sum(dim=-1, dtype=torch.int32).contiguous()
+
+
+class _SparseAttention(torch.autograd.Function):
+    """SLA's sparse branch with the Triton forward and backward; the LUT is a fixed input (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, n_sel: int,
+                dense: bool, block_q: int, block_k: int) -> torch.Tensor:
+        batch, seq, heads, dim = q.shape
+        n_qblocks = triton.cdiv(seq, block_q)
+        out = _empty(q.shape, q.dtype, q.device)
+        lse = _empty((batch * heads, n_qblocks * block_q), torch.float32, q.device)
+        _sla_fwd_kernel[(n_qblocks, batch * heads)](
+            q, k, v, lut, out, lse, seq, heads, n_sel, LOG2E / math.sqrt(dim), *_heads_first_strides(q),
+            BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, KV_BYTES=4, DENSE=dense,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, lut)
+        ctx.block_sizes = (block_q, block_k)
+        ctx.n_sel = n_sel
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out, lse, lut = ctx.saved_tensors
+        block_q, block_k = ctx.block_sizes
+        batch, seq, heads, dim = q.shape
+        n_qblocks, n_kblocks = triton.cdiv(seq, block_q), triton.cdiv(seq, block_k)
+        grad_out = grad_out.to(q.dtype).contiguous().as_strided(q.shape, q.stride())
+        # δ_i = rowsum(dO ∘ O) (FlashAttention-2 backward preprocessing), padded to whole query blocks
+        delta = torch.zeros((batch * heads, n_qblocks * block_q), dtype=torch.float32, device=q.device)
+        delta[:, :seq] = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, seq)
+        dq, dk, dv = (_empty(t.shape, t.dtype, t.device).as_strided(t.shape, t.stride()) for t in (q, k, v))
+        scale_log2, sm_scale = LOG2E / math.sqrt(dim), 1.0 / math.sqrt(dim)
+        warps = 4 if dim == 64 else 8
+        _sla_bwd_dq_kernel[(n_qblocks, batch * heads)](
+            q, k, v, grad_out, dq, lse, delta, lut, seq, heads, ctx.n_sel, scale_log2, sm_scale,
+            *_heads_first_strides(q), BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, num_warps=warps,
+        )
+        rev_lut, rev_count = _reverse_lut(lut, n_kblocks)
+        _sla_bwd_dkdv_kernel[(n_kblocks, batch * heads)](
+            q, k, v, grad_out, dk, dv, lse, delta, rev_lut, rev_count, seq, heads, n_qblocks, scale_log2,
+            sm_scale, *_heads_first_strides(q), BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, num_warps=warps,
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _sla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, block_q: int, block_k: int,
+                 proj_l: torch.nn.Linear | None) -> torch.Tensor:
+    with torch.no_grad():
+        prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=False, fp8_pv=False,
+                            linear=False)
+    # one layout for q, k, v so the kernels take one set of strides
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out = _SparseAttention.apply(q, k, v, prepared.lut, prepared.n_sel, prepared.dense, block_q, block_k)
+    if proj_l is None:
+        return out
+    linear = F.linear(linear_branch_reference(q, k, v), proj_l.weight.float(), proj_l.bias.float())
+    return (out.float() + linear).to(q.dtype)
+
+
+def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float,
+                            block_q: int | None = None, block_k: int | None = None,
+                            proj_l: torch.nn.Linear | None = None, backend: Backend = "sagesla",
+                            fp8_pv: bool | None = None) -> torch.Tensor:
+    """SLA / SageSLA self-attention: top-k block-sparse softmax attention plus proj_l(linear attention).
+
+    Args:
+        q, k, v: [B, L, H, D] with D in (64, 128); one L (self-attention).
+        topk: fraction of key blocks kept per query block (SLA's `topk`; 1.0 = dense).
+        block_q, block_k: block sizes of the map (powers of two ≥ 16); default `default_block_sizes`.
+        proj_l: the layer's `Linear(D, D)` (checkpoint key `…attn_op.local_attn.proj_l`), or None to skip the
+            linear branch.
+        backend: "torch" (fp32 reference), "sla" (Triton 16-bit, differentiable), "sagesla" (Triton INT8/FP8,
+            forward only).
+        fp8_pv: sagesla only: FP8 P·V (default on GPUs with FP8, compute capability ≥ 8.9) or 16-bit P·V.
+
+    Returns:
+        [B, L, H, D] in q's dtype.
+
+    Raises:
+        ValueError: for an unknown backend, mismatched shapes, an unsupported head dim or block size, or a
+            Triton backend on a CPU tensor without TRITON_INTERPRET=1.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse_linear_attention backend {backend!r} is not one of {BACKENDS}")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"expected q, k, v all [B, L, H, D] of one shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} is not one of {HEAD_DIMS}")
+    if not 0.0 < topk <= 1.0:
+        raise ValueError(f"topk {topk} is not in (0, 1]")
+    default_q, default_k = default_block_sizes(q.device)
+    block_q, block_k = block_q or default_q, block_k or default_k
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name} {size} is not a power of two ≥ 16")
+    if backend == "torch":
+        out = sparse_linear_attention_reference(q, k, v, topk=topk, block_q=block_q, block_k=block_k,
+                                                proj_l=proj_l)
+        return out.to(q.dtype)
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(f"backend {backend!r} runs Triton kernels: it needs a CUDA tensor (or TRITON_INTERPRET=1 "
+                         "on the CPU); use 'torch' or dense 'sdpa' there")
+    in_dtype = q.dtype
+    q, k, v = (_as_kernel_input(t) for t in (q, k, v))
+    if backend == "sla":
+        out = _sla_forward(q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_l=proj_l)
+    else:
+        if fp8_pv is None:
+            fp8_pv = q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
+        with torch.no_grad():
+            out = _sagesla_forward(q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_l=proj_l,
+                                   fp8_pv=fp8_pv)
+    return out.to(in_dtype)

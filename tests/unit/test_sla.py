@@ -1,0 +1,182 @@
+"""SLA / SageSLA Triton kernels against the fp32 torch reference (CPU: TRITON_INTERPRET=1, set by conftest).
+
+Inputs are fp16: the Triton 3.9 interpreter multiplies bf16 tiles as their raw uint16 bits (`create_dot`), so
+bf16 is covered by tests/gpu. The interpreter's float→fp8 cast also rounds wrongly at power-of-two carries,
+so the CPU runs of "sagesla" use 16-bit P·V; its FP8 P·V is tested on the H100 (tests/gpu/test_sla_gpu.py).
+Every buffer the kernels fill is poisoned first (NaN, or 127 for int8) so an unwritten element shows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.ops import sla
+from engine.ops.attention import attention
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        fill = 127 if dtype == torch.int8 else float("nan")
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(sla, "_empty", poisoned)
+
+
+def _make_qkv(seed: int, batch: int, seq: int, heads: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """Random q, k, v [B, L, H, D] fp16 with the structure that breaks naive INT8 attention.
+
+    K has a large channel bias shared by all tokens (what K smoothing removes) with two outlier channels;
+    Q has two outlier channels (×4), which per-token Q scales confine to their own tokens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads, dim, generator=gen)
+    q[..., :2] *= 4.0
+    k_bias = 4.0 * torch.randn(dim, generator=gen)
+    k_bias[5], k_bias[9] = 25.0, -25.0
+    k = torch.randn(batch, seq, heads, dim, generator=gen) + k_bias
+    v = torch.randn(batch, seq, heads, dim, generator=gen)
+    return tuple(t.half().to(DEVICE) for t in (q, k, v))
+
+
+def _random_proj_l(seed: int, dim: int) -> torch.nn.Linear:
+    """A trained-looking proj_l (the checkpoint's is nonzero; zero-init would hide the linear branch)."""
+    torch.manual_seed(seed)
+    proj = torch.nn.Linear(dim, dim)
+    torch.nn.init.normal_(proj.weight, std=0.5 / math.sqrt(dim))
+    return proj.to(DEVICE)
+
+
+def _cosine(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return F.cosine_similarity(x.detach().double().flatten(), ref.detach().double().flatten(), dim=0).item()
+
+
+def _relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    return ((x - ref).abs().sum() / ref.abs().sum()).item()
+
+
+# (seed, B, L, H, D, block_q, block_k): L never a multiple of a block; both head dims; both block geometries
+SHAPES = [
+    (1, 2, 250, 2, 64, 32, 32),
+    (2, 2, 300, 1, 128, 64, 128),
+    (3, 1, 231, 2, 128, 32, 64),
+]
+
+
+@pytest.mark.parametrize("seed,batch,seq,heads,dim,block_q,block_k", SHAPES)
+@pytest.mark.parametrize("topk", [0.3, 0.6])
+def test_sparse_block_map_equals_reference(seed: int, batch: int, seq: int, heads: int, dim: int, block_q: int,
+                                           block_k: int, topk: float) -> None:
+    q, k, _ = _make_qkv(seed, batch, seq, heads, dim)
+    kept = sla.sparse_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    kept_ref = sla.block_map_reference(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    assert torch.equal(kept, kept_ref)
+    n_kblocks = math.ceil(seq / block_k)
+    assert (kept.sum(-1) == sla.kept_blocks(topk, n_kblocks)).all()
+
+
+def test_kept_blocks_never_zero() -> None:
+    # int(0.05 · 16) = 0: SLA would run zero blocks and return 0/0 = NaN
+    assert sla.kept_blocks(0.05, 16) == 1
+    assert sla.kept_blocks(1.0, 16) == 16
+    q, k, v = _make_qkv(4, 1, 200, 1, 64)
+    out = sla.sparse_linear_attention(q, k, v, topk=0.01, block_q=32, block_k=32, backend="sagesla", fp8_pv=False)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("seed,batch,seq,heads,dim,block_q,block_k", SHAPES)
+def test_sagesla_dense_matches_exact_attention(seed: int, batch: int, seq: int, heads: int, dim: int,
+                                                block_q: int, block_k: int) -> None:
+    q, k, v = _make_qkv(seed + 10, batch, seq, heads, dim)
+    out = sla.sparse_linear_attention(q, k, v, topk=1.0, block_q=block_q, block_k=block_k, backend="sagesla",
+                                      fp8_pv=False)
+    exact = F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    # issue bars for dense SageAttention (INT8 Q·K): what per-block INT8 with smoothed K reaches on such data
+    assert _cosine(out, exact) >= 0.9995
+    assert _relative_l1(out, exact) <= 0.02
+
+
+@pytest.mark.parametrize("seed,batch,seq,heads,dim,block_q,block_k", SHAPES)
+def test_sagesla_sparse_matches_reference(seed: int, batch: int, seq: int, heads: int, dim: int, block_q: int,
+                                          block_k: int) -> None:
+    q, k, v = _make_qkv(seed + 20, batch, seq, heads, dim)
+    proj_l = _random_proj_l(seed, dim)
+    out = sla.sparse_linear_attention(q, k, v, topk=0.3, block_q=block_q, block_k=block_k, proj_l=proj_l,
+                                      backend="sagesla", fp8_pv=False)
+    ref = sla.sparse_linear_attention_reference(q, k, v, topk=0.3, block_q=block_q, block_k=block_k, proj_l=proj_l)
+    assert out.dtype == q.dtype
+    # issue bar: sparse sagesla vs the fp32 reference of the same sparse semantics (INT8 Q·K error)
+    assert _cosine(out, ref) >= 0.999
+
+
+@pytest.mark.parametrize("seed,batch,seq,heads,dim,block_q,block_k", SHAPES)
+def test_sla_forward_matches_reference(seed: int, batch: int, seq: int, heads: int, dim: int, block_q: int,
+                                       block_k: int) -> None:
+    q, k, v = _make_qkv(seed + 30, batch, seq, heads, dim)
+    proj_l = _random_proj_l(seed, dim)
+    out = sla.sparse_linear_attention(q, k, v, topk=0.3, block_q=block_q, block_k=block_k, proj_l=proj_l,
+                                      backend="sla")
+    ref = sla.sparse_linear_attention_reference(q, k, v, topk=0.3, block_q=block_q, block_k=block_k, proj_l=proj_l)
+    # issue bar: 16-bit operands with fp32 accumulation, output rounded to fp16
+    assert _relative_l1(out, ref) <= 0.01
+
+
+@pytest.mark.parametrize("seed,batch,seq,heads,dim,block_q,block_k", SHAPES[:2])
+def test_sla_backward_matches_reference_autograd(seed: int, batch: int, seq: int, heads: int, dim: int,
+                                                 block_q: int, block_k: int) -> None:
+    q, k, v = (t.requires_grad_() for t in _make_qkv(seed + 40, batch, seq, heads, dim))
+    proj_l = _random_proj_l(seed, dim)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).half().to(DEVICE)
+    out = sla.sparse_linear_attention(q, k, v, topk=0.3, block_q=block_q, block_k=block_k, proj_l=proj_l,
+                                      backend="sla")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = sla.sparse_linear_attention_reference(*leaves, topk=0.3, block_q=block_q, block_k=block_k,
+                                                proj_l=proj_l)
+    grads_ref = torch.autograd.grad(ref, leaves, grad_out.float())
+    for name, grad, grad_ref in zip("qkv", grads, grads_ref):
+        assert not grad.isnan().any(), name
+        # issue bar: 16-bit recomputation of P and dS against fp32 autograd, as a norm ratio
+        relative = ((grad.double() - grad_ref.double()).norm() / grad_ref.double().norm()).item()
+        assert relative <= 2e-2, (name, relative)
+
+
+@pytest.mark.parametrize("backend", ["sla", "sagesla"])
+def test_attention_dispatches_sparse_backends(backend: str) -> None:
+    q, k, v = _make_qkv(50, 1, 200, 2, 64)
+    proj_l = _random_proj_l(5, 64)
+    block_q, block_k = sla.default_block_sizes(q.device)
+    out = attention(q, k, v, backend=backend, topk=0.5, proj_l=proj_l)
+    ref = sla.sparse_linear_attention_reference(q, k, v, topk=0.5, block_q=block_q, block_k=block_k, proj_l=proj_l)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _cosine(out, ref) >= 0.999  # same bar as the sparse kernel tests: the dispatch adds no error
+
+
+def test_attention_rejects_cross_attention_on_sparse_backend() -> None:
+    q, _, _ = _make_qkv(51, 1, 64, 2, 64)
+    k, _, v = _make_qkv(52, 1, 96, 2, 64)
+    with pytest.raises(ValueError, match="self-attention"):
+        attention(q, k, v, backend="sagesla")
+    with pytest.raises(ValueError, match="not one of"):
+        attention(q, q, q, backend="flash")
+
+
+def test_sparse_linear_attention_rejects_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = _make_qkv(53, 1, 64, 1, 64)
+    with pytest.raises(ValueError, match="head dim"):
+        sla.sparse_linear_attention(q[..., :32], k[..., :32], v[..., :32], topk=0.5)
+    with pytest.raises(ValueError, match="topk"):
+        sla.sparse_linear_attention(q, k, v, topk=0.0)
+    with pytest.raises(ValueError, match="power of two"):
+        sla.sparse_linear_attention(q, k, v, topk=0.5, block_q=48)
+    if not q.is_cuda:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="CUDA"):
+            sla.sparse_linear_attention(q, k, v, topk=0.5, backend="sla")
