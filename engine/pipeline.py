@@ -160,6 +160,8 @@ class Pipeline:
             text_encoder, experts, vae = _random_models(spec, n_experts, dev, dtype, attention, topk)
         else:
             text_encoder, experts, vae = _checkpoint_models(spec, Path(checkpoint_dir), dev, dtype, attention, topk)
+        for expert in experts:  # fused Triton norms on the GPU (TurboDiffusion's default); plain modules on CPU
+            expert.use_fused_norms(dev.type == "cuda")
         if offload_idle_expert and n_experts > 1:
             experts[1].to("cpu")
         return cls(spec, text_encoder, experts, vae, dev, attention=attention, topk=topk,

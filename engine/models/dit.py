@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from engine.configs import DiTConfig
+from engine.ops import norms
 from engine.ops.attention import BACKENDS, DEFAULT_TOPK, attention
 
 # RoPE tables of this many token grids (F', H', W', device) stay cached per model: the presets of one
@@ -161,6 +162,15 @@ class WanModel(nn.Module):
             block.compute_dtype = dtype
         return self
 
+    def use_fused_norms(self, enabled: bool = True) -> WanModel:
+        """Run the norms inside the blocks (norm1/2/3, q/k RMSNorm) as fused Triton kernels (GPU), as
+        TurboDiffusion's FastLayerNorm / FastRMSNorm; `head.norm` stays the plain module as there."""
+        for block in self.blocks:
+            for module in block.modules():
+                if isinstance(module, (WanLayerNorm, WanRMSNorm)):
+                    module.fused = enabled
+        return self
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -262,13 +272,13 @@ class WanAttentionBlock(nn.Module):
         # Six [B, 1, D] fp32 vectors (official order: shift, scale, gate for attention, then for the FFN).
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).chunk(6, dim=1)
 
-        h = self.norm1(x).float() * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(self.compute_dtype), rope, attention_backend, topk) * gate1
+        h = self.norm1.modulate(x, shift1, scale1, self.compute_dtype)
+        x = x + self.self_attn(h, rope, attention_backend, topk) * gate1
 
-        x = x + self.cross_attn(self.norm3(x).to(self.compute_dtype), context)
+        x = x + self.cross_attn(self.norm3(x, self.compute_dtype), context)
 
-        h = self.norm2(x).float() * (1 + scale2) + shift2
-        return x + self.ffn(h.to(self.compute_dtype)) * gate2
+        h = self.norm2.modulate(x, shift2, scale2, self.compute_dtype)
+        return x + self.ffn(h) * gate2
 
 
 class WanSelfAttention(nn.Module):
@@ -352,13 +362,26 @@ class Head(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back to the input dtype (official `WanLayerNorm`)."""
+    """LayerNorm computed in fp32 and cast back to the input dtype (official `WanLayerNorm`).
+
+    `fused` (set by `WanModel.use_fused_norms`) runs the one-pass Triton kernel of `engine.ops.norms` instead.
+    """
 
     def __init__(self, dim: int, eps: float, elementwise_affine: bool = False) -> None:
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.fused:
+            return norms.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+        return super().forward(x.float()).to(out_dtype or x.dtype)
+
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+        """norm(x)·(1 + scale) + shift in fp32 (official block: `norm1(x).float() * (1 + scale) + shift`)."""
+        if self.fused:
+            return norms.layer_norm_modulate(x, shift, scale, self.eps, out_dtype=out_dtype)
+        return (self(x).float() * (1 + scale) + shift).to(out_dtype)
 
 
 class WanRMSNorm(nn.Module):
@@ -372,8 +395,11 @@ class WanRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # Triton kernel (TurboDiffusion FastRMSNorm: weight applied before the one cast)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return norms.rms_norm(x, self.weight, self.eps, out_dtype=torch.float32)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
