@@ -190,20 +190,21 @@ def _kv_stats_kernel(
         rows = block * BLOCK_N + offs_n
         valid = rows < L
         rows64 = rows.to(tl.int64)
-        k_raw = tl.load(k_base + rows64[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
-        k = k_raw.to(tl.float32)
-        k_sum += tl.sum(k, axis=0)
+        # kᵀ [D, BLOCK_N]: φ(K)ᵀ is then the left operand of φ(K)ᵀV with no transpose in registers
+        k_t = tl.load(k_base + rows64[None, :] * stride_kl + offs_d[:, None], mask=valid[None, :], other=0.0)
+        k_t = k_t.to(tl.float32)
+        k_sum += tl.sum(k_t, axis=1)
         if V_ABSMAX or LINEAR:
             v_raw = tl.load(v_base + rows64[:, None] * stride_vl + offs_d[None, :], mask=valid[:, None],
                             other=0.0)
             if V_ABSMAX:
                 v_max = tl.maximum(v_max, tl.max(tl.abs(v_raw.to(tl.float32)), axis=0))
             if LINEAR:
-                k_exp = tl.exp(k - tl.max(k, axis=1)[:, None])
-                phi_k = k_exp / tl.sum(k_exp, axis=1)[:, None]
-                phi_k = tl.where(valid[:, None], phi_k, 0.0)  # padded tokens are no keys
-                k_feature_sum += tl.sum(phi_k, axis=0)
-                kv = tl.dot(tl.trans(phi_k.to(v_raw.dtype)), v_raw, kv)  # [D, D] += φ(K)ᵀ V
+                k_exp = tl.exp(k_t - tl.max(k_t, axis=0)[None, :])
+                phi_k_t = k_exp / tl.sum(k_exp, axis=0)[None, :]
+                phi_k_t = tl.where(valid[None, :], phi_k_t, 0.0)  # padded tokens are no keys
+                k_feature_sum += tl.sum(phi_k_t, axis=1)
+                kv = tl.dot(phi_k_t.to(v_raw.dtype), v_raw, kv)  # [D, D] += φ(K)ᵀ V
     part = pid_bh * n_chunks + pid_chunk
     tl.store(KSumPart + part * HEAD_DIM + offs_d, k_sum)
     if V_ABSMAX:
@@ -318,7 +319,7 @@ def _attention_configs() -> list[triton.Config]:
     """Warps × pipeline depth for the attention kernels; one config under the CPU interpreter."""
     if _interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3))]
+    return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in ((4, 2), (4, 3), (8, 2))]
 
 
 def _fits_shared_memory(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -332,6 +333,17 @@ def _fits_shared_memory(configs: list[triton.Config], named_args: dict, **kwargs
     tile_bytes = block_n * head_dim * args["KV_BYTES"]
     kept = [c for c in configs if (c.num_stages - 1) * tile_bytes + 2 * block_m * head_dim <= 200 * 1024]
     return kept or configs[:1]
+
+
+@triton.jit
+def _int32_to_float(x):
+    """Exact int32 -> fp32 for |x| < 2^22 with an integer add and a float subtract.
+
+    Adding the bits of 1.5·2^23 puts x in the mantissa of 12582912.0 + x. The plain conversion (I2F) runs on the
+    same quarter-rate unit as exp2 (16 per clock per SM on sm90), which bounds the INT8 kernel; |q8·k8| is at
+    most D·127² = 2,064,512 < 2^22 for D = 128.
+    """
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
@@ -354,9 +366,9 @@ def _online_softmax_step(s, m_i, l_i, acc, P_SHIFT: tl.constexpr):
 def _sagesla_fwd_kernel(
     # pointers: int8 q [B·H, Mq·BLOCK_M, D] + scales [B·H, Mq·BLOCK_M]; int8 smoothed k [B·H, L_PAD, D] + scales
     # [B·H, Nk]; v: fp8 vᵀ [B·H, D, L_PAD] (PV_FP8) or the input v [B, L, H, D]; v scales [B·H, D];
-    # LUT [B·H, Mq, N_SEL] of key-block ids; raw q [B, L, H, D], φ(K)ᵀV [B·H, D, D], Σφ(K) [B·H, D],
-    # proj_l weightᵀ [D, D] and bias [D] (LINEAR); output [B, L, H, D]
-    Q8, QScale, K8, KScale, V, VScale, LUT, Q, KV, KZ, ProjWT, ProjBias, Out,
+    # LUT [B·H, Mq, N_SEL] of key-block ids; raw q [B, L, H, D], (φ(K)ᵀV)·proj_lᵀ [B·H, D, D] fp16 over its
+    # absmax [B·H], Σφ(K) [B·H, D], proj_l bias [D] (LINEAR); output [B, L, H, D]
+    Q8, QScale, K8, KScale, V, VScale, LUT, Q, KVProj, KVProjScale, KZ, ProjBias, Out,
     # sizes
     L, H, L_PAD, N_SEL,
     # strides in elements (batch, token, head) of the input v, the raw q and the output
@@ -397,7 +409,7 @@ def _sagesla_fwd_kernel(
         k_scale = tl.load(KScale + pid_bh * n_kblocks + key_block)
         # dequantized score, already in log2 units (q's scale holds 1/sqrt(D) · log2 e); keys past L -> -inf
         score_scale = q_scale * k_scale
-        s = tl.dot(q8, k8).to(tl.float32) * score_scale[:, None] + tl.where(keys < L, 0.0, float("-inf"))[None, :]
+        s = _int32_to_float(tl.dot(q8, k8)) * score_scale[:, None] + tl.where(keys < L, 0.0, float("-inf"))[None, :]
         p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, P_SHIFT)
         if PV_FP8:
             v8 = tl.load(v_base + offs_d[None, :] * L_PAD + keys[:, None])  # [BLOCK_N, D], token-contiguous
@@ -419,12 +431,12 @@ def _sagesla_fwd_kernel(
         q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
         q_exp = tl.exp(q - tl.max(q, axis=1)[:, None])
         phi_q = q_exp / tl.sum(q_exp, axis=1)[:, None]
-        kv = tl.load(KV + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        # proj_l(o_l) = (φ(Q)·(φ(K)ᵀV)·Wᵀ) / (φ(Q)·Σφ(K) + eps) + b: one [BLOCK_M, D] × [D, D] product
+        kv_proj = tl.load(KVProj + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
         k_feature_sum = tl.load(KZ + pid_bh * HEAD_DIM + offs_d)
         denominator = tl.sum(phi_q * k_feature_sum[None, :], axis=1) + _LINEAR_EPS
-        out_linear = tl.dot(phi_q, kv) / denominator[:, None]
-        proj_wt = tl.load(ProjWT + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
-        out += tl.dot(out_linear, proj_wt) + tl.load(ProjBias + offs_d)[None, :]
+        linear_scale = tl.load(KVProjScale + pid_bh) / denominator
+        out += tl.dot(phi_q.to(kv_proj.dtype), kv_proj) * linear_scale[:, None] + tl.load(ProjBias + offs_d)[None, :]
     o_ptrs = Out + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
 
@@ -580,17 +592,23 @@ def _heads_first_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+# statistics-pass launch shape, measured on the H100 (docs/notes/attention.md): 8 warps and 4 programs per SM
+# take the pass from 362 to 236 us at Wan 1.3B (2986 -> 1713 us at 14B); each program adds a D² fp32 partial
+_STATS_PROGRAMS_PER_SM = 4
+_STATS_WARPS = 8
+
+
 def _n_chunks(n_key_blocks: int, batch_heads: int, device: torch.device) -> int:
-    """Chunks per (b, h) for the statistics pass: about two programs per SM, no more chunks than blocks."""
+    """Chunks per (b, h) for the statistics pass: _STATS_PROGRAMS_PER_SM programs per SM, ≤ one per block."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(n_key_blocks, triton.cdiv(2 * sms, batch_heads)))
+    return max(1, min(n_key_blocks, triton.cdiv(_STATS_PROGRAMS_PER_SM * sms, batch_heads)))
 
 
 class _Prepared:
     """What the block-selection pass produces for one call (all [B·H, ...], b·h = b·H + h)."""
 
     def __init__(self, lut: torch.Tensor, n_sel: int, dense: bool, k_mean: torch.Tensor, **extra: torch.Tensor):
-        self.lut = lut  # [B·H, Mq, n_sel] int64 key-block ids, unsorted
+        self.lut = lut  # [B·H, Mq, n_sel] int64 key-block ids, unsorted (contiguous unless dense)
         self.n_sel = n_sel
         self.dense = dense  # every block kept: the kernels walk the blocks in order, the LUT is unused
         self.k_mean = k_mean  # [B·H, D]
@@ -616,7 +634,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
         k, v, k_sum_part, v_max_part, kv_part, kz_part,
         seq, heads, blocks_per_chunk,
         *_heads_first_strides(k), *_heads_first_strides(v),
-        BLOCK_N=block_k, HEAD_DIM=dim, V_ABSMAX=fp8_pv, LINEAR=linear, num_warps=4,
+        BLOCK_N=block_k, HEAD_DIM=dim, V_ABSMAX=fp8_pv, LINEAR=linear, num_warps=_STATS_WARPS,
     )
     k_mean = k_sum_part.sum(dim=1) / seq  # [B·H, D]
     extra: dict[str, torch.Tensor] = {}
@@ -648,11 +666,12 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
     n_sel = kept_blocks(topk, n_kblocks)
     dense = n_sel == n_kblocks
     if dense:
+        # a stride-0 view: the dense kernels walk the blocks in order and never read it
         lut = torch.arange(n_kblocks, device=device).expand(bh, n_qblocks, n_kblocks)
     else:
         score = torch.bmm(q_pool, k_pool.transpose(1, 2))  # [B·H, Mq, Nk]
         lut = score.topk(n_sel, dim=-1, sorted=False).indices
-    return _Prepared(lut.contiguous(), n_sel, dense, k_mean, **extra)
+    return _Prepared(lut, n_sel, dense, k_mean, **extra)
 
 
 def sparse_block_map(q: torch.Tensor, k: torch.Tensor, *, topk: float, block_q: int, block_k: int) -> torch.Tensor:
@@ -683,15 +702,18 @@ def _sagesla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk:
     extra = prepared.extra
     out = _empty((batch, seq, heads, dim), q.dtype, q.device)
     if linear:
-        proj_wt = proj_l.weight.detach().float().t().contiguous()  # [D_in, D_out]
+        # (φ(K)ᵀV)·Wᵀ per (b, h), [B·H, D, D]; it grows with L, so it goes to fp16 divided by its absmax
+        kv_proj = torch.matmul(extra["kv"], proj_l.weight.detach().float().t())
+        kv_proj_scale = kv_proj.abs().amax(dim=(1, 2)).clamp_min(1e-30)  # [B·H]
+        kv_proj = (kv_proj / kv_proj_scale[:, None, None]).to(torch.float16)
         proj_bias = proj_l.bias.detach().float().contiguous()
     else:
-        proj_wt = proj_bias = None
+        kv_proj = kv_proj_scale = proj_bias = None
     n_qblocks = triton.cdiv(seq, block_q)
     padded_keys = triton.cdiv(seq, block_k) * block_k
     _sagesla_fwd_kernel[(n_qblocks, batch * heads)](
         extra["q8"], extra["q_scale"], extra["k8"], extra["k_scale"], extra["v8t"] if fp8_pv else v,
-        extra.get("v_scale"), prepared.lut, q, extra.get("kv"), extra.get("kz"), proj_wt, proj_bias, out,
+        extra.get("v_scale"), prepared.lut, q, kv_proj, kv_proj_scale, extra.get("kz"), proj_bias, out,
         seq, heads, padded_keys, prepared.n_sel,
         *_heads_first_strides(v), *_heads_first_strides(q), *_heads_first_strides(out),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, KV_BYTES=2 if fp8_pv else 3,
@@ -742,7 +764,7 @@ class _SparseAttention(torch.autograd.Function):
         scale_log2, sm_scale = LOG2E / math.sqrt(dim), 1.0 / math.sqrt(dim)
         warps = 4 if dim == 64 else 8
         _sla_bwd_dq_kernel[(n_qblocks, batch * heads)](
-            q, k, v, grad_out, dq, lse, delta, lut, seq, heads, ctx.n_sel, scale_log2, sm_scale,
+            q, k, v, grad_out, dq, lse, delta, lut.contiguous(), seq, heads, ctx.n_sel, scale_log2, sm_scale,
             *_heads_first_strides(q), BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, num_warps=warps,
         )
         rev_lut, rev_count = _reverse_lut(lut, n_kblocks)
