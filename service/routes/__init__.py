@@ -1,0 +1,1 @@
+"""One router per resource: generate, jobs, videos (OpenAI-compatible), models, health."""
