@@ -349,16 +349,17 @@ def _dit_in_folder(folder: Path) -> Path | None:
 def _turbo_files(root: Path, quantized: bool | None) -> list[Path]:
     candidates = sorted(p for p in root.glob("*.pth") if p.name not in (VAE_FILE, T5_FILE))
     candidates += sorted(root.glob("*.safetensors")) if not any(root.glob(f"{DIT_WEIGHTS}*")) else []
-    if quantized is not None:
-        candidates = [p for p in candidates if ("-quant" in p.stem) == quantized] or candidates
-    return candidates
+    # Both variants present: the asked-for one; unasked, the plain file (TurboDiffusion's advice for H100s).
+    wanted = False if quantized is None else quantized
+    return [p for p in candidates if ("-quant" in p.stem) == wanted] or candidates
 
 
 def find_model_files(spec: ModelSpec, root: str | Path, *, quantized: bool | None = None) -> ModelFiles:
     """Resolve the files of `spec` under `root` for any supported layout; the error lists what was looked for.
 
     Args:
-        quantized: prefer TurboWan `-quant` files (True), plain ones (False), or whichever is there (None).
+        quantized: prefer TurboWan `-quant` files (True) or plain ones (False); None: the plain file when both
+            are there, else whichever is.
     """
     root = Path(root)
     if not root.is_dir():

@@ -29,6 +29,8 @@ from engine.models.dit import WanModel
 from engine.models.t5 import TextEncoder
 from engine.models.vae import WanVAE
 from engine.ops.attention import BACKENDS, DEFAULT_TOPK
+from engine.ops.int8_linear import Int8Linear
+from engine.quantize import W8A8QuantHandler, is_quantized_state_dict, quantize_state_dict
 from engine.sampling import (
     SamplingCanceled,
     cfg_velocity,
@@ -120,6 +122,7 @@ class Pipeline:
         self.attention = attention
         self.topk = topk
         self.offload_idle_expert = offload_idle_expert
+        self.quant = "w8a8" if any(isinstance(m, Int8Linear) for m in experts[0].modules()) else None
 
     # -----------------------------------------------------------------------------------------------------
     # Construction
@@ -127,7 +130,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, model: str, checkpoint_dir: str | Path | None = None, *, device: str | None = None,
-             attention: str | None = None, topk: float | None = None, quant: str | None = None,
+             attention: str | None = None, topk: float | None = None, quant: str | None = "auto",
              offload_idle_expert: bool = False, random_weights: bool = False,
              dtype: torch.dtype | None = None) -> Pipeline:
         """Build the models of `model` on `device`, weights from `checkpoint_dir`.
@@ -136,7 +139,8 @@ class Pipeline:
             checkpoint_dir: a folder in one of the layouts of `engine.checkpoint`. None → random weights,
                 allowed for the tiny specs (tests, CPU demo) or with `random_weights=True` (benchmarks).
             attention: self-attention backend; default "sagesla" on CUDA, "sdpa" on the CPU.
-            quant: "w8a8" or None.
+            quant: "w8a8" (W8A8 INT8 block linears; float checkpoints are quantized at load), None (float
+                linears), or "auto": "w8a8" exactly when the checkpoint is a `-quant` file.
             offload_idle_expert: keep only the active A14B expert on the GPU, the other parked on the CPU.
             dtype: matmul dtype; default bf16 on CUDA, fp32 on CPU.
         """
@@ -148,18 +152,18 @@ class Pipeline:
         topk = DEFAULT_TOPK if topk is None else topk
         if attention not in BACKENDS:
             raise ValueError(f"attention {attention!r} is not one of {BACKENDS}")
-        if quant not in (None, "w8a8"):
-            raise ValueError(f"quant {quant!r} is not one of None, 'w8a8'")
-        if quant is not None:
-            raise ValueError("quant='w8a8' needs the W8A8 linears, which are not part of this build yet")
+        if quant not in (None, "w8a8", "auto"):
+            raise ValueError(f"quant {quant!r} is not one of None, 'w8a8', 'auto'")
         n_experts = len(spec.experts) or 1
         if checkpoint_dir is None:
             if not (spec.is_tiny or random_weights):
                 raise ValueError(f"model {model!r} needs checkpoint_dir (random weights only for tiny specs "
                                  "or with random_weights=True)")
-            text_encoder, experts, vae = _random_models(spec, n_experts, dev, dtype, attention, topk)
+            text_encoder, experts, vae = _random_models(spec, n_experts, dev, dtype, attention, topk,
+                                                        quantize=quant == "w8a8")
         else:
-            text_encoder, experts, vae = _checkpoint_models(spec, Path(checkpoint_dir), dev, dtype, attention, topk)
+            text_encoder, experts, vae = _checkpoint_models(spec, Path(checkpoint_dir), dev, dtype, attention, topk,
+                                                            quant)
         for expert in experts:  # fused Triton norms on the GPU (TurboDiffusion's default); plain modules on CPU
             expert.use_fused_norms(dev.type == "cuda")
         if offload_idle_expert and n_experts > 1:
@@ -358,7 +362,7 @@ class Pipeline:
 
 
 def _random_models(spec: ModelSpec, n_experts: int, device: torch.device, dtype: torch.dtype,
-                   attention: str, topk: float) -> tuple[TextEncoder, list[WanModel], WanVAE]:
+                   attention: str, topk: float, *, quantize: bool) -> tuple[TextEncoder, list[WanModel], WanVAE]:
     """Deterministic random weights (seeded per spec), for the tiny specs and the benchmarks."""
     with _fork_rng(seed=0):
         with torch.device(device):
@@ -369,7 +373,9 @@ def _random_models(spec: ModelSpec, n_experts: int, device: torch.device, dtype:
             vae = WanVAE.from_config(spec.vae)
         for expert in experts:
             _randomize_zero_init(expert)
-            expert.to_inference_dtype(dtype)
+            expert.to_inference_dtype(dtype)  # before the swap: Int8Linear keeps int8 weights + fp32 scales
+            if quantize:
+                W8A8QuantHandler(expert).convert_for_runtime()
             expert.eval().requires_grad_(False)
         _randomize_zero_init(text_encoder.model)
         text_encoder.model.requires_grad_(False)
@@ -395,15 +401,22 @@ def _fork_rng(seed: int) -> Iterator[None]:
 
 
 def _checkpoint_models(spec: ModelSpec, root: Path, device: torch.device, dtype: torch.dtype,
-                       attention: str, topk: float) -> tuple[TextEncoder, list[WanModel], WanVAE]:
-    files = checkpoint.find_model_files(spec, root)
+                       attention: str, topk: float, quant: str | None) -> tuple[TextEncoder, list[WanModel], WanVAE]:
+    files = checkpoint.find_model_files(spec, root, quantized=None if quant == "auto" else quant == "w8a8")
     experts = []
     for path in files.dit:
         state = checkpoint.normalize_dit_state_dict(checkpoint.read_state_dict(path), spec.dit.in_dim)
+        quantized_file = is_quantized_state_dict(state)
+        if quant is None and quantized_file:
+            raise checkpoint.CheckpointError(f"{path} holds W8A8 weights; load it with quant='w8a8' or 'auto'")
+        if quant == "w8a8" and not quantized_file:  # a float checkpoint, quantized once at load
+            state = quantize_state_dict(state, device=device)
         sla_proj = any(checkpoint.SLA_PROJ_SUFFIX in key for key in state)  # TurboWan files carry proj_l
         with torch.device("meta"):
             model = WanModel.from_config(spec.dit, attention=attention, topk=topk, sla_proj=sla_proj)
-        model.to_inference_dtype(dtype)
+        model.to_inference_dtype(dtype)  # before the swap: Int8Linear keeps int8 weights + fp32 scales
+        if quant == "w8a8" or quantized_file:
+            W8A8QuantHandler(model).convert_for_runtime()
         experts.append(checkpoint.load_into(model, state, device=device, source=str(path)))
     with torch.device("meta"):
         vae = WanVAE.from_config(spec.vae).to(dtype)

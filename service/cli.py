@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--attention", choices=["sdpa", "sla", "sagesla"], default=None)
     generate.add_argument("--topk", type=float, default=None)
     generate.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda when available)")
+    generate.add_argument("--quant", choices=["auto", "w8a8", "none"], default="auto",
+                          help="W8A8 linears: auto = exactly when the checkpoint is a -quant file")
     generate.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     generate.set_defaults(func=cmd_generate)
 
@@ -80,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--api-key", default=os.environ.get("TD_API_KEY"))
     submit.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     submit.set_defaults(func=cmd_submit)
+
+    quantize = commands.add_parser("quantize", help="write a TurboDiffusion-compatible W8A8 -quant checkpoint")
+    quantize.add_argument("input", type=Path, help="float DiT weights: .pth or .safetensors (official/TurboWan keys)")
+    quantize.add_argument("output", type=Path, help="the -quant file to write: .pth or .safetensors")
+    quantize.add_argument("--device", default="cpu", help="where to quantize (cpu or cuda; identical output)")
+    quantize.set_defaults(func=cmd_quantize)
 
     openapi = commands.add_parser("openapi", help="print the API's OpenAPI document (YAML)")
     openapi.set_defaults(func=cmd_openapi)
@@ -149,7 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pipeline = Pipeline.load(
-        args.model, args.checkpoint_dir, device=args.device, attention=args.attention, topk=args.topk
+        args.model, args.checkpoint_dir, device=args.device, attention=args.attention, topk=args.topk,
+        quant=None if args.quant == "none" else args.quant,
     )
     load_s = time.perf_counter() - start
     image = Image.open(args.image).convert("RGB") if args.image else None
@@ -263,6 +272,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     bar.close()
     print(f"job {job.id}: wrote {args.output} ({job.num_frames} frames, seed {job.seed})", file=sys.stderr)
     print("  ".join(f"{stage} {seconds:.2f}s" for stage, seconds in job.timings.items()), file=sys.stderr)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Offline W8A8 quantizer: float DiT file → `-quant` file (int8 weights, 128×128 fp32 scales, metadata)."""
+    from engine.checkpoint import CheckpointError
+    from engine.quantize import quantize_checkpoint
+
+    start = time.perf_counter()
+    try:
+        metadata = quantize_checkpoint(args.input, args.output, device=args.device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"tdserve quantize: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} ({metadata.to_strings()}) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import engine.pipeline, engine.checkpoint, engine.ops.attention, engine.video, engine.sampling
 import engine.models.dit, engine.models.vae, engine.models.t5
+import engine.quantize, engine.ops.int8_linear, engine.ops.norms, engine.ops.sla
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

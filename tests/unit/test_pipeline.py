@@ -158,3 +158,34 @@ def test_pipeline_loads_a_turbowan_folder_with_proj_l(tmp_path, t2v: Pipeline) -
     assert loaded.experts[0].blocks[0].self_attn.attn_op is not None
     request = GenerationRequest(prompt="x", width=64, height=48, num_frames=5, steps=2, seed=5, attention="sla")
     assert np.array_equal(loaded.generate(request).frames, t2v.generate(request).frames)
+
+
+def test_w8a8_pipeline_tracks_the_float_one(t2v: Pipeline) -> None:
+    """W8A8 block-128 linears (torch path on CPU) swap in at load and stay close to the float model."""
+    quantized = Pipeline.load("tiny-t2v", quant="w8a8")
+    assert quantized.quant == "w8a8" and t2v.quant is None
+    request = GenerationRequest(prompt="x", width=64, height=48, num_frames=5, steps=2, seed=5)
+    a = quantized.generate(request).frames.astype(np.int16)
+    b = t2v.generate(request).frames.astype(np.int16)
+    # Same random weights, ~1 % weight/activation quantization error per linear through 2 blocks and 2 steps:
+    # the uint8 videos stay within a few levels on average.
+    assert np.abs(a - b).mean() < 6
+
+
+def test_pipeline_loads_a_turbowan_quant_file(tmp_path, t2v: Pipeline) -> None:
+    """A `-quant` file written by our quantizer loads with quant='auto' into Int8Linear modules and gives the
+    video of the same weights quantized in memory."""
+    from engine.quantize import quantize_state_dict, save_quantized_state_dict
+    from engine.quantize import QuantizationMetadata
+
+    state = {"net." + k: v for k, v in quantize_state_dict(t2v.experts[0].state_dict()).items()}
+    save_quantized_state_dict(state, tmp_path / "TurboWan-tiny-quant.pth", QuantizationMetadata())
+    torch.save(t2v.vae.state_dict(), tmp_path / "Wan2.1_VAE.pth")
+    torch.save(t2v.text_encoder.model.state_dict(), tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    loaded = Pipeline.load("tiny-t2v", tmp_path)
+    assert loaded.quant == "w8a8"
+    in_memory = Pipeline.load("tiny-t2v", quant="w8a8")
+    request = GenerationRequest(prompt="x", width=64, height=48, num_frames=5, steps=2, seed=5)
+    assert np.array_equal(loaded.generate(request).frames, in_memory.generate(request).frames)
+    with pytest.raises(ValueError, match="holds W8A8 weights"):
+        Pipeline.load("tiny-t2v", tmp_path, quant=None)
