@@ -168,7 +168,7 @@ def _norm(
         y = out.view(x2d.shape)
     rows = x2d.shape[0]
     modulate = shift is not None and scale is not None
-    if modulate:
+    if shift is not None and scale is not None:
         if x.dim() not in (2, 3):
             raise ValueError(f"layer_norm_modulate expects x [B, L, D] or [L, D]; got {tuple(x.shape)}")
         shift_v = _as_batch_token_view(shift, x, "shift")  # [B, L, D]

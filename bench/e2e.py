@@ -1,0 +1,153 @@
+"""End-to-end request time on one GPU: "original" (dense bf16 SDPA, flow UniPC + CFG) vs "turbo" (SageSLA,
+W8A8 where available, fused norms, rCM 3 and 4 steps), random weights at the real shapes, same run.
+
+    python bench/e2e.py --out $OUT/e2e.json                       # the three models of the speed issue
+    python bench/e2e.py --models wan2.1-t2v-1.3b --original-steps 2
+
+Weight values do not change speed, so random weights stand in for the checkpoints. The original's 50 steps are
+timed over `--original-steps` steps (each = 2 model calls for CFG) and extrapolated linearly: every UniPC step
+costs the same two DiT calls plus a few element-wise ops. Stages: text_encode (uncached, then cached),
+denoise, vae_decode, encode_mp4 (when imageio-ffmpeg is importable). Peak GPU memory per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.configs import from_name  # noqa: E402
+from engine.pipeline import GenerationRequest, Pipeline  # noqa: E402
+
+PROMPT = ("A red fox trots through fresh snow in a pine forest at dawn, breath steaming, low sun through the trees, "
+          "cinematic tracking shot")
+DEFAULT_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-i2v-a14b")
+SIZE_OF = {"wan2.1-t2v-1.3b": "480p", "wan2.1-t2v-14b": "720p", "wan2.2-i2v-a14b": "720p"}
+
+
+def _image(width: int, height: int) -> object:
+    from PIL import Image
+
+    gradient = torch.linspace(0, 255, width).repeat(height, 1)
+    rgb = torch.stack([gradient, gradient.flip(1), torch.full_like(gradient, 96)], dim=-1).to(torch.uint8)
+    return Image.fromarray(rgb.numpy())
+
+
+def _encode_mp4_seconds(frames: object, fps: int) -> float | None:
+    try:
+        from engine.video import write_mp4
+
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            write_mp4(frames, Path(tmp) / "out.mp4", fps=fps)
+            return time.perf_counter() - start
+    except ImportError:  # the H100 image has no imageio-ffmpeg unless its wheel is carried
+        return None
+
+
+def _run(pipe: Pipeline, request: GenerationRequest) -> dict[str, object]:
+    cuda = pipe.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = pipe.generate(request)
+    total = time.perf_counter() - start
+    record: dict[str, object] = {"timings": result.timings, "generate_s": total,
+                                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                                 "resident_memory_gib": torch.cuda.memory_allocated() / 2**30 if cuda else None}
+    mp4 = _encode_mp4_seconds(result.frames, result.fps)
+    if mp4 is not None:
+        record["timings"]["encode_mp4"] = mp4  # type: ignore[index]
+    return record
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
+    spec = from_name(name)
+    width, height = spec.resolution(SIZE_OF.get(name, spec.default_size), "16:9")
+    image = _image(width, height) if spec.mode == "i2v" else None
+    base = dict(prompt=PROMPT, image=image, width=width, height=height, num_frames=args.frames, seed=0)
+    out: dict[str, object] = {"model": name, "width": width, "height": height, "frames": args.frames}
+
+    # Original: dense SDPA, bf16 linears, plain norms, UniPC + CFG; idle A14B expert parked on the CPU (both
+    # bf16 14B experts + umT5 do not fit one 80 GB card with the activations).
+    pipe = Pipeline.load(name, random_weights=True, device=args.device, attention="sdpa", quant=None,
+                         offload_idle_expert=len(spec.experts) > 1)
+    for expert in pipe.experts:
+        expert.use_fused_norms(False)
+    _run(pipe, GenerationRequest(**base, steps=1, sampler="unipc"))  # warm-up (cuDNN autotune, allocator)
+    original = _run(pipe, GenerationRequest(**base, steps=args.original_steps, sampler="unipc"))
+    per_step = original["timings"]["denoise"] / args.original_steps  # type: ignore[index]
+    original["denoise_per_step_s"] = per_step
+    original["denoise_extrapolated_s"] = per_step * spec.baseline_steps
+    original["baseline_steps"] = spec.baseline_steps
+    out["original"] = original
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    quant = "w8a8" if args.quant else None
+    pipe = Pipeline.load(name, random_weights=True, device=args.device,
+                         attention="sagesla" if args.device == "cuda" else "sdpa", topk=args.topk, quant=quant)
+    _run(pipe, GenerationRequest(**base, steps=1))  # warm-up: Triton autotune, cuDNN
+    turbo: dict[str, object] = {"quant": quant, "topk": args.topk}
+    pipe.text_encoder.clear_cache()
+    for steps in args.steps:
+        turbo[f"steps_{steps}"] = _run(pipe, GenerationRequest(**base, steps=steps))
+        pipe.text_encoder.clear_cache()
+    cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]))
+    cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]))  # second call: prompt embedding cached
+    turbo["text_encode_cached_s"] = cached["timings"]["text_encode"]  # type: ignore[index]
+    out["turbo"] = turbo
+
+    orig_total = (original["denoise_extrapolated_s"] + sum(v for k, v in original["timings"].items()  # type: ignore[union-attr]
+                                                           if k != "denoise"))
+    out["original_total_extrapolated_s"] = orig_total
+    for steps in args.steps:
+        t = turbo[f"steps_{steps}"]["timings"]  # type: ignore[index]
+        out[f"speedup_denoise_steps_{steps}"] = original["denoise_extrapolated_s"] / t["denoise"]
+        out[f"speedup_total_steps_{steps}"] = orig_total / sum(t.values())
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--steps", default="3,4")
+    parser.add_argument("--original-steps", type=int, default=2)
+    parser.add_argument("--topk", type=float, default=0.1)
+    parser.add_argument("--no-quant", dest="quant", action="store_false")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cuda", help="cpu only to check the script itself, never for timing")
+    args = parser.parse_args()
+    args.steps = [int(s) for s in args.steps.split(",")]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (not a timing)"
+    results = {"device": device_name, "torch": torch.__version__, "models": []}
+    for name in args.models.split(","):
+        record = bench_model(name, args)
+        results["models"].append(record)  # type: ignore[union-attr]
+        print(json.dumps(record, indent=1, default=float), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+    print(f"{'model':18} {'orig denoise(50)':>17} {'turbo3 denoise':>15} {'turbo3 total':>13} {'speedup3':>9}")
+    for r in results["models"]:  # type: ignore[union-attr]
+        t3 = r["turbo"]["steps_3"]["timings"]
+        print(f"{r['model']:18} {r['original']['denoise_extrapolated_s']:17.2f} {t3['denoise']:15.3f} "
+              f"{sum(t3.values()):13.3f} {r['speedup_total_steps_3']:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
