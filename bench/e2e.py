@@ -94,6 +94,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+    if torch.cuda.is_available():
+        out["memory_after_original_gib"] = torch.cuda.memory_allocated() / 2**30  # must be ~0: nothing leaks
     quant = "w8a8" if args.quant else None
     pipe = Pipeline.load(name, random_weights=True, device=args.device,
                          attention="sagesla" if args.device == "cuda" else "sdpa", topk=args.topk, quant=quant)

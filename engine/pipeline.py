@@ -11,6 +11,7 @@ object with `GenerationRequest(sampler="unipc")`; the benchmark uses it for same
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -363,10 +364,15 @@ class Pipeline:
 
 def _random_models(spec: ModelSpec, n_experts: int, device: torch.device, dtype: torch.dtype,
                    attention: str, topk: float, *, quantize: bool) -> tuple[TextEncoder, list[WanModel], WanVAE]:
-    """Deterministic random weights (seeded per spec), for the tiny specs and the benchmarks."""
+    """Deterministic random weights (seeded per spec), for the tiny specs and the benchmarks.
+
+    Built directly in the matmul dtype on the target device: a 14B DiT built in fp32 first would need 57 GB.
+    """
     with _fork_rng(seed=0):
-        with torch.device(device):
-            text_encoder = TextEncoder.from_spec(spec.t5, device=device, dtype=dtype)
+        with torch.device(device), _default_dtype(dtype):
+            # Random weights come without a tokenizer.json: the byte-level tokenizer feeds the same umT5 shapes.
+            text_encoder = TextEncoder.from_spec(dataclasses.replace(spec.t5, tokenizer="bytes"), device=device,
+                                                 dtype=dtype)
             # With SLA's proj_l, so the sparse backends run (and time) their linear branch too.
             experts = [WanModel.from_config(spec.dit, attention=attention, topk=topk, sla_proj=True)
                        for _ in range(n_experts)]
@@ -390,6 +396,16 @@ def _randomize_zero_init(module: torch.nn.Module) -> None:
     for param in module.parameters():
         if param.dim() > 1 and not param.detach().abs().sum().bool():
             torch.nn.init.normal_(param, std=0.02)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @contextmanager

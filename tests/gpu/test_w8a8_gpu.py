@@ -88,7 +88,9 @@ def test_int8_and_fp8_linear_vs_float_linear(shape: tuple[int, int, int]) -> Non
     reference = x.float() @ linear.weight.float().T + linear.bias.float()
     y_int8 = module(x)
     same_math = w8a8.int8_linear_reference(x, module.int8_weight, module.scale, module.bias)
-    assert _rel(y_int8, same_math) <= 1e-3  # the bound: bf16 output rounding only
+    # The bound (1e-3) on the same quantized math, both sides rounded to the bf16 output: the kernel may
+    # differ only by fp32 accumulation order (a bf16 rounding alone is up to 2^-9 = 2e-3 relative per element).
+    assert _rel(y_int8, same_math.to(torch.bfloat16)) <= 1e-3
     # Quantization error of 128×128 blocks on N(0,1) data with 10× outlier channels: ~1–3 % (see the unit test's
     # derivation); a broken kernel lands near 100 %.
     assert _rel(y_int8, reference) <= 0.05
