@@ -154,9 +154,13 @@ class WanModel(nn.Module):
         Returns:
             self.
         """
-        self.float()
-        for module in self.matmul_modules():
-            module.to(dtype)
+        # Parameter by parameter: a whole-model `self.float()` first would materialise a 14B model in fp32
+        # (57 GB) on its way to bf16.
+        matmul_params = {id(p) for module in self.matmul_modules() for p in module.parameters()}
+        for param in self.parameters():
+            target = dtype if id(param) in matmul_params else torch.float32
+            if param.dtype != target:
+                param.data = param.data.to(target)
         self.compute_dtype = dtype
         for block in self.blocks:
             block.compute_dtype = dtype
