@@ -80,8 +80,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     # bf16 14B experts + umT5 do not fit one 80 GB card with the activations).
     pipe = Pipeline.load(name, random_weights=True, device=args.device, attention="sdpa", quant=None,
                          offload_idle_expert=len(spec.experts) > 1)
-    for expert in pipe.experts:
-        expert.use_fused_norms(False)
+    for model in pipe.experts:
+        model.use_fused_norms(False)
+    del model  # a loop variable left bound would keep a whole DiT alive past `del pipe`
     _run(pipe, GenerationRequest(**base, steps=1, sampler="unipc"))  # warm-up (cuDNN autotune, allocator)
     original = _run(pipe, GenerationRequest(**base, steps=args.original_steps, sampler="unipc"))
     per_step = original["timings"]["denoise"] / args.original_steps  # type: ignore[index]
