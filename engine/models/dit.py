@@ -285,10 +285,10 @@ class WanAttentionBlock(nn.Module):
         return x + self.ffn(h) * gate2
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention over the video tokens: q/k RMSNorm over the full dim, 3-D RoPE, pluggable backend."""
+class WanAttention(nn.Module):
+    """The projections both attentions share (official names): q, k, v, o and the full-dim q/k RMSNorms."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float, sla_proj: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
@@ -297,6 +297,13 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+
+
+class WanSelfAttention(WanAttention):
+    """Self-attention over the video tokens: q/k RMSNorm over the full dim, 3-D RoPE, pluggable backend."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, sla_proj: bool = False) -> None:
+        super().__init__(dim, num_heads, eps)
         # TurboWan checkpoints carry SLA's linear-branch projection under TurboDiffusion's module path.
         self.attn_op = SLAProjection(dim // num_heads) if sla_proj else None
 
@@ -328,18 +335,8 @@ class SLAProjection(nn.Module):
         nn.init.zeros_(self.local_attn.proj_l.bias)
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(WanAttention):
     """Cross-attention of the video tokens to all text_len text rows: no mask, no RoPE, always dense SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, L, D], context [B, Lc, D], both in the matmul dtype → [B, L, D] in the matmul dtype."""
