@@ -145,11 +145,13 @@ def main() -> None:
         print(json.dumps(record, indent=1, default=float), flush=True)
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))
-    print(f"{'model':18} {'orig denoise(50)':>17} {'turbo3 denoise':>15} {'turbo3 total':>13} {'speedup3':>9}")
+    steps = args.steps[0]
+    print(f"{'model':18} {'original denoise':>17} {f'turbo{steps} denoise':>15} {f'turbo{steps} total':>13} "
+          f"{'speedup':>8}")
     for r in results["models"]:  # type: ignore[union-attr]
-        t3 = r["turbo"]["steps_3"]["timings"]
-        print(f"{r['model']:18} {r['original']['denoise_extrapolated_s']:17.2f} {t3['denoise']:15.3f} "
-              f"{sum(t3.values()):13.3f} {r['speedup_total_steps_3']:9.1f}")
+        timings = r["turbo"][f"steps_{steps}"]["timings"]
+        print(f"{r['model']:18} {r['original']['denoise_extrapolated_s']:17.2f} {timings['denoise']:15.3f} "
+              f"{sum(timings.values()):13.3f} {r[f'speedup_total_steps_{steps}']:8.1f}")
 
 
 if __name__ == "__main__":
