@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean prometheus
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/tdserve run
 
-test: setup
+# tests/integration/test_metrics.py runs a real Prometheus: Debian's package, installed here when missing and
+# apt-get can be used (root, or sudo without a password). Elsewhere that one test skips and says why.
+prometheus:
+	@command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+	  ($$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends prometheus) \
+	    >/dev/null 2>&1 || echo "make: could not install prometheus; its test will skip"; }
+
+test: setup prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

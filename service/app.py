@@ -7,6 +7,7 @@ Run with `tdserve api` (uvicorn, factory mode). `openapi.yaml` at the repository
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -25,11 +26,16 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.deps import PayloadTooLarge, UnsupportedMediaType
+from service import limits
+from service.auth import check_auth_configured
+from service.deps import UnsupportedMediaType
+from service.limits import PayloadTooLarge
+from service.metrics import HttpMetricsMiddleware, init_job_series
 from service.queue import InvalidField, JobConflict, JobNotFound, Jobs, QueueFull
-from service.routes import generate, health, jobs, models, videos
+from service.routes import generate, health, jobs, models, videos, webhooks
 from service.schemas import GenerateRequest, VideoCreateRequest
 from service.settings import Settings, get_settings
+from service.webhooks import WebhookDispatcher
 
 log = logging.getLogger("tdserve.api")
 
@@ -82,12 +88,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_auth_configured(settings)
         if not settings.api_keys:
-            log.warning("TD_API_KEYS is empty: the API accepts requests without a key (local use only)")
+            log.warning("TD_AUTH_DISABLED: the API accepts requests without a key (local use only)")
         app.state.jobs = Jobs.from_settings(settings)
         janitor = Janitor(app.state.jobs, settings.janitor_interval_s)
         janitor.start()
+        dispatcher = WebhookDispatcher(app.state.jobs, settings)
+        dispatcher.start()
         yield
+        dispatcher.stop()
         janitor.stop()
 
     app = FastAPI(
@@ -97,9 +107,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
     )
-    app.dependency_overrides[get_settings] = lambda: settings
-    for module in (generate, jobs, videos, models, health):
+    app.state.settings = settings  # what SettingsDep hands the routes (service/deps.py)
+    for module in (generate, jobs, videos, webhooks, models, health):
         app.include_router(module.router)
+    limits.install(app, settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -108,6 +119,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["Location", "openai-poll-after-ms", "Retry-After"],
         )
+    # Outermost, so that it times every request, CORS preflights included.
+    app.add_middleware(HttpMetricsMiddleware)
+    init_job_series(settings.models)
     _add_error_handlers(app)
 
     def openapi() -> dict[str, Any]:
@@ -174,7 +188,15 @@ def _error(
         "detail": jsonable_encoder(detail),
         "error": {"message": message, "type": error_type, "code": code, "param": param},
     }
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _EscapedJSONResponse(body, status_code=status, headers=headers)
+
+
+class _EscapedJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may echo client text holding lone surrogates (bytes that were
+    not UTF-8), which cannot be encoded as UTF-8 but can be written as \\u escapes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -6,6 +6,7 @@
     tdserve worker --model tiny-t2v                                     # one resident-engine worker
     tdserve submit "a red fox" --model tiny-t2v -o fox.mp4              # a job through the API, live progress
     tdserve openapi > openapi.yaml                                      # the API's OpenAPI document
+    tdserve keygen [--webhook]                                          # an API key + digest (webhook secret)
 
 Every service setting also comes from the environment (`TD_` prefix, see .env.example); flags override it.
 """
@@ -19,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="one resident-engine worker")
     worker.add_argument("--model", required=True)
     worker.add_argument("--name", default=None, help="worker name (default: model.host.pid)")
+    worker.add_argument(
+        "--metrics-port", type=int, default=None, help="default: TD_WORKER_METRICS_PORT (9100); 0: a free one"
+    )
     worker.set_defaults(func=cmd_worker)
 
     submit = commands.add_parser("submit", help="submit a job to a running API and download the MP4")
@@ -91,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
     openapi = commands.add_parser("openapi", help="print the API's OpenAPI document (YAML)")
     openapi.set_defaults(func=cmd_openapi)
+
+    keygen = commands.add_parser("keygen", help="make an API key and its TD_API_KEYS digest")
+    keygen.add_argument("--webhook", action="store_true", help="make a TD_WEBHOOK_SECRET instead")
+    keygen.set_defaults(func=cmd_keygen)
     return parser
 
 
@@ -211,21 +220,40 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings(api_host=args.host, api_port=args.port)
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=settings.api_host,
-        port=settings.api_port,
-        workers=settings.api_workers,
-        log_level=os.environ.get("TD_LOG_LEVEL", "info").lower(),
-    )
+    multiprocess_dir = None
+    if settings.api_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several processes share one port, so one scrape reaches only one of them: each writes its metrics
+        # to files in a fresh folder, which /metrics merges (service/metrics.py). Set before the workers
+        # start, which import prometheus_client and read it then.
+        multiprocess_dir = tempfile.mkdtemp(prefix="tdserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.api_host,
+        "port": settings.api_port,
+        "workers": settings.api_workers,
+        "log_level": os.environ.get("TD_LOG_LEVEL", "info").lower(),
+    }
+    try:
+        if settings.api_workers == 1:
+            uvicorn.run("service.app:create_app", **options)
+        else:
+            from uvicorn.supervisors import Multiprocess
+
+            from service.server import NoDelayConfig
+
+            config = NoDelayConfig("service.app:create_app", **options)
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+    finally:
+        if multiprocess_dir is not None:
+            shutil.rmtree(multiprocess_dir, ignore_errors=True)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.worker import serve
 
-    settings = _settings()
+    settings = _settings(worker_metrics_port=args.metrics_port)
     if args.model not in settings.models:
         print(
             f"tdserve worker: {args.model!r} is not in TD_MODELS ({','.join(settings.models)})",
@@ -290,6 +318,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Print a new API key (for the client) and its digest (for TD_API_KEYS), or a webhook secret."""
+    if args.webhook:
+        from service.webhooks import new_webhook_secret
+
+        print(f"TD_WEBHOOK_SECRET={new_webhook_secret()}")
+        return 0
+    from service.auth import key_digest, new_api_key
+
+    api_key = new_api_key()
+    print(f"API key (give it to the client, it is shown once): {api_key}")
+    print(f"TD_API_KEYS entry (the server stores only this):   {key_digest(api_key)}")
+    return 0
+
+
 def cmd_openapi(_args: argparse.Namespace) -> int:
     import yaml
 
@@ -318,9 +361,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         "TD_API_HOST": settings.api_host,
         "TD_API_PORT": str(settings.api_port),
     }
+    if not settings.api_keys and settings.environment == "local":
+        # `tdserve run` is the zero-config local stack: no keys means no key required, said out loud.
+        env["TD_AUTH_DISABLED"] = "true"
+        log.warning("tdserve run: no TD_API_KEYS, so the API requires no key (local mode)")
     if settings.torch_threads is None and not _has_cuda_hint(settings):
         # CPU workers share the cores instead of each spinning one thread per core.
         env["TD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(settings.models)))
+    # The workers of one host cannot all take the default metrics port.
+    explicit_metrics_port = (
+        "worker_metrics_port" in settings.model_fields_set and settings.worker_metrics_port > 0
+    )
     stack = Stack(env)
     stopping = False
 
@@ -334,8 +385,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not _redis_answers(settings.redis_url):
             stack.start_redis(settings.redis_url, settings.storage_dir / ".redis")
         stack.start("api", ["api"])
-        for model in settings.models:
-            stack.start(f"worker {model}", ["worker", "--model", model])
+        for index, model in enumerate(settings.models):
+            # One metrics port each: TD_WORKER_METRICS_PORT + index when set, else free ports (see /readyz).
+            port = settings.worker_metrics_port + index if explicit_metrics_port else 0
+            stack.start(f"worker {model}", ["worker", "--model", model, "--metrics-port", str(port)])
         log.info(
             "tdserve: API on http://%s:%d, workers for %s (Ctrl-C stops)",
             settings.api_host,

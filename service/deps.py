@@ -7,22 +7,30 @@ scopes Idempotency-Keys per client; per-key limits and quotas hang off the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from service.auth import authenticate
+from service.limits import PayloadTooLarge, check_rate
 from service.queue import InvalidField, Jobs
 from service.schemas import GenerateRequest, VideoCreateRequest
-from service.settings import Settings, get_settings
+from service.settings import Settings
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+def app_settings(request: Request) -> Settings:
+    """The settings the app was created with (`create_app` keeps them on app.state). Not a dependency
+    override of get_settings: FastAPI re-analyses an override's signature on every request (~0.5 ms)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -43,21 +51,15 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from TD_API_KEYS 
 
 
 def require_api_key(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    settings: SettingsDep,
+    jobs: JobsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """The caller's scope; 401 when keys are configured and the request has none of them."""
-    if not settings.api_keys:
-        return "anonymous"
-    if credentials is not None:
-        offered = credentials.credentials.encode()
-        for api_key in settings.api_keys:
-            if secrets.compare_digest(offered, api_key.encode()):
-                return hashlib.sha256(offered).hexdigest()[:16]
-    raise HTTPException(
-        status_code=401,
-        detail="a valid API key is required (Authorization: Bearer <key>)",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+    """The caller's scope (service/auth.py), counted against its rate (service/limits.py); 401 when keys are
+    configured and the request has none of them, 429 over the rate."""
+    scope = authenticate(settings, None if credentials is None else credentials.credentials)
+    check_rate(jobs.redis, settings, scope)
+    return scope
 
 
 ApiKeyDep = Annotated[str, Depends(require_api_key)]
@@ -71,11 +73,6 @@ IdempotencyKey = Annotated[
         description="Same key and body → the same job; same key, different body → 409.",
     ),
 ]
-
-
-class PayloadTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body exceeds {limit} bytes")
 
 
 class UnsupportedMediaType(Exception):
@@ -137,8 +134,10 @@ async def read_body(
         if len(raw) > limit:
             raise PayloadTooLarge(limit)
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            # Bytes that are not UTF-8 become lone surrogates, which the schema's string validation refuses
+            # naming the field they sit in, instead of a decode error about the whole body.
+            data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
             raise RequestValidationError(
                 [
                     {

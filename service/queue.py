@@ -41,6 +41,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
 from engine.configs import ModelSpec, from_name
+from service import metrics
 from service.schemas import (
     ErrorCode,
     GenerateRequest,
@@ -550,6 +551,8 @@ class Jobs:
             record.id, fields, when=when, attempts=attempts, ttl_s=self.settings.result_ttl_s
         ):
             return False
+        # Counted here, by the one process whose compare-and-set ended the job (service/metrics.py).
+        metrics.count_job_finished(record.model, record.mode, status.value, code)
         self._after_terminal(record.model_copy(update=fields))
         if status != JobStatus.completed:
             log.info("job %s %s%s", record.id, status.value, f" ({code}: {message})" if code else "")
@@ -601,6 +604,7 @@ class Jobs:
         queue = self.queue(submission.model)
         depth = queue.count
         if depth >= self.settings.queue_max_depth:
+            metrics.count_job_rejected(submission.model, "queue_full")
             raise QueueFull(submission.model, self.retry_after_s(submission.model, depth))
         spec = from_name(submission.model)
         now = time.time()

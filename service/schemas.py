@@ -65,7 +65,19 @@ def _check_num_frames(value: int | None) -> int | None:
     return value
 
 
+def _is_utf8(value: str) -> bool:
+    # Lone surrogates: bytes that were not UTF-8 (service/deps.py decodes with surrogateescape) or a
+    # "\ud800"-style JSON escape. Neither can be encoded, stored or tokenized; pydantic refuses them in plain
+    # str fields but lets them through as dict values.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_prompt(value: str) -> str:
+    # (pydantic's str validation already refuses lone surrogates in a top-level string field.)
     if not value.strip():
         raise ValueError("prompt must contain non-whitespace text")
     return value
@@ -80,6 +92,8 @@ def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     for key, item in value.items():
         if len(key) > 64 or len(item) > 512:
             raise ValueError("metadata keys are at most 64 characters and values at most 512")
+        if not (_is_utf8(key) and _is_utf8(item)):
+            raise ValueError("metadata keys and values must be valid UTF-8 text")
     return value
 
 
@@ -119,9 +133,12 @@ class GenerationOptions(_Input):
         description="Counted from submission: not started by then → `expired`; still running → `failed` "
         "with `deadline_exceeded`.",
     )
-    # TODO(#7): deliver signed video.completed / video.failed events to it (SSRF guard, retries).
     webhook_url: AnyHttpUrl | None = Field(
-        default=None, description="Stored with the job, for a notification when the job ends."
+        default=None,
+        max_length=2048,
+        description="Receives a Standard Webhooks POST (`video.completed`, `video.failed`, `video.canceled`) "
+        "signed with the server's secret when the job ends; retried with backoff. Private and loopback "
+        "addresses are refused.",
     )
     metadata: dict[str, str] | None = Field(default=None, description="Up to 16 string pairs, echoed back.")
 
@@ -378,6 +395,30 @@ class VideoDeleted(BaseModel):
     id: str
     object: Literal["video.deleted"] = "video.deleted"
     deleted: bool = True
+
+
+# --- Webhooks ----------------------------------------------------------------------------------------------
+
+
+class WebhookDeliveryPublic(BaseModel):
+    """The webhook delivery of a job: its Standard Webhooks message and how delivering it went."""
+
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    job_id: str
+    url: str
+    status: Literal["waiting", "pending", "delivered", "failed"] = Field(
+        description="waiting: the job has not ended; pending: being delivered or retried; delivered: a 2xx "
+        "answer; failed: attempts exhausted or destination refused."
+    )
+    id: str | None = Field(description="The `webhook-id` header, the same on every attempt (dedupe on it).")
+    event: str | None = Field(description="video.completed, video.failed or video.canceled.")
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime | None
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
 
 
 # --- Models, health ----------------------------------------------------------------------------------------

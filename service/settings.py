@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.configs import MODEL_CONFIGS
@@ -75,14 +75,74 @@ class Settings(BaseSettings):
     worker_stop_grace_s: float = Field(default=60.0, ge=0)
     # After this many CUDA out-of-memory failures in a row the worker marks itself UNHEALTHY and exits.
     worker_max_consecutive_ooms: int = Field(default=3, ge=1)
+    # Each worker serves Prometheus metrics on 0.0.0.0:<port> (0: a free port; /readyz shows each metrics_url).
+    worker_metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     # --- HTTP ---------------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_workers: int = Field(default=1, ge=1)
-    # Bearer keys accepted by the API; empty → no authentication (allowed only when environment is local).
-    api_keys: CommaList = Field(default_factory=list)
+    # Origins allowed by CORS; empty → no CORS headers at all (browsers on other origins are refused).
     cors_origins: CommaList = Field(default_factory=list)
+
+    # --- Security (service/auth.py, service/limits.py) -----------------------------------------------------
+    # Bearer keys accepted by the API, stored as `sha256:<hex>` digests (`tdserve keygen` makes a key and its
+    # digest); a plain key is hashed on load, in local only. With keys, every /v1 route needs one.
+    api_keys: CommaList = Field(default_factory=list)
+    # No keys and no key required: local runs only (`tdserve run` sets it). Without keys and without this
+    # the API refuses to start. Ignored when api_keys is set.
+    auth_disabled: bool = False
+    # Per-key request rate on /v1 (GCRA in Redis): sustained requests per second and burst; 429 + Retry-After.
+    rate_limit_per_s: float = Field(default=20.0, gt=0)
+    rate_limit_burst: int = Field(default=100, ge=1)
+    # Per-key concurrent-job quota (queued + in progress); 429 + Retry-After past it.
+    max_active_jobs_per_key: int = Field(default=16, ge=1)
+    # Largest request body in bytes; None → room for a max_upload_bytes image sent as base64 JSON.
+    max_request_bytes: int | None = Field(default=None, ge=1024)
+
+    # --- Webhooks (service/webhooks.py) --------------------------------------------------------------------
+    # Standard Webhooks signing secret, `whsec_<base64 of 24-64 random bytes>` (`tdserve keygen --webhook`).
+    # Jobs with a webhook_url are refused while it is unset.
+    webhook_secret: SecretStr | None = None
+    # SSRF guard: webhook URLs resolving to private, loopback or link-local addresses are refused unless this
+    # is set (tests use a loopback receiver).
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Attempts per event; the first retry waits webhook_backoff_s, each next one twice as long (≤ 1 h).
+    webhook_max_attempts: int = Field(default=10, ge=1)
+    webhook_backoff_s: float = Field(default=30.0, gt=0)
+
+    # --- Testing ---------------------------------------------------------------------------------------------
+    # Honour `metadata["tdserve_fault"]` in workers (service/faults.py): local only, for fault-injection tests.
+    fault_injection: bool = False
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hash_api_keys(cls, keys: list[str], info: ValidationInfo) -> list[str]:
+        from service.auth import is_key_digest, key_digest
+
+        plain = [key for key in keys if not is_key_digest(key)]
+        if plain and info.data.get("environment", "local") != "local":
+            raise ValueError(
+                "api_keys must be sha256:<hex> digests outside local (`tdserve keygen` prints one per key)"
+            )
+        return [key if is_key_digest(key) else key_digest(key) for key in keys]
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        from service.auth import secret_key
+
+        if secret is not None:
+            secret_key(secret.get_secret_value())  # raises ValueError naming the rule
+        return secret
+
+    @property
+    def request_limit_bytes(self) -> int:
+        """The request-body limit: max_request_bytes, else a max_upload_bytes image as base64 plus 64 KiB."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return -(-self.max_upload_bytes * 4 // 3) + 64 * 1024
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -95,6 +155,9 @@ class Settings(BaseSettings):
             raise ValueError("worker_lost_after_s must be at least twice worker_heartbeat_s")
         if not self.api_keys and self.environment != "local":
             raise ValueError(f"api_keys must be set when environment is {self.environment!r}")
+        for name in ("auth_disabled", "fault_injection"):
+            if getattr(self, name) and self.environment != "local":
+                raise ValueError(f"{name} is refused when environment is {self.environment!r}")
         return self
 
     def checkpoint_dir(self, model: str) -> Path | None:

@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
+from service import faults, metrics
+from service.limits import set_pillow_limit
 from service.queue import JobRecord, Jobs
 from service.schemas import ErrorCode, WorkerPublic, WorkerState
 from service.settings import Settings
@@ -64,6 +67,7 @@ class WorkerRuntime:
         self.current_job: str | None = None
         self.stop_deadline: float | None = None  # monotonic time after which the running job is requeued
         self.consecutive_ooms = 0
+        self.metrics_url: str | None = None  # where this worker's /metrics answers (service/metrics.py)
         self._stop_heartbeat = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
 
@@ -78,7 +82,7 @@ class WorkerRuntime:
                 device=self.device,
                 current_job=self.current_job,
                 last_heartbeat=datetime.now(UTC),
-                metrics_url=None,
+                metrics_url=self.metrics_url,
             ),
             ttl_s=self.settings.worker_lost_after_s,
         )
@@ -122,15 +126,25 @@ class WorkerRuntime:
             return {"job_id": job_id, "status": "skipped"}
         self.current_job = record.id
         self.set_state("BUSY")
+        stats = metrics.JobRunStats(
+            model=record.model,
+            mode=record.mode,
+            # claim() stored submission → this start; only the first start ends a queue wait.
+            queue_wait_s=record.timings.get("queue") if record.attempts == 1 else None,
+        )
+        metrics.record_job_started(stats)
+        metrics.reset_gpu_peak(self.device)
         try:
-            status = self._run(record)
+            status = self._run(record, stats)
         finally:
+            stats.gpu_peak_bytes = metrics.gpu_peak_bytes(self.device)
+            metrics.record_job_run(stats)
             self.current_job = None
             if self.state == "BUSY":
                 self.set_state("READY")
         return {"job_id": job_id, "status": status}
 
-    def _run(self, record: JobRecord) -> str:
+    def _run(self, record: JobRecord, stats: metrics.JobRunStats) -> str:
         import torch
 
         from engine.pipeline import GenerationCanceled, GenerationRequest
@@ -140,6 +154,7 @@ class WorkerRuntime:
 
         # A Redis hiccup must not kill a running generation: skip that step's write or check.
         def on_progress(stage: str, step: int, total: int) -> None:
+            faults.check(self.settings, record, stage)  # tests only (TD_FAULT_INJECTION)
             try:
                 jobs.report_progress(record, stage, step, total)  # type: ignore[arg-type]
             except RedisError:
@@ -188,23 +203,28 @@ class WorkerRuntime:
             if resolved != params:
                 jobs.set_params(record, resolved)
             result = self.pipeline.generate(request, on_progress=on_progress, should_cancel=should_cancel)
-            jobs.report_progress(record, "encode_mp4", 0, 1)
+            on_progress("encode_mp4", 0, 1)
             start = time.perf_counter()
             try:
                 video = jobs.storage.write_video(record.id, result.frames, record.fps)
-            except OSError as e:
-                failure = ("storage_error", f"the video could not be written: {e}")
+            except Exception as e:
+                # A full or unwritable disk surfaces as OSError or, when ffmpeg is the one that hits it, as
+                # write_mp4's RuntimeError: either way the frames exist and only storing them failed.
+                failure = ("storage_error", f"the video could not be written: {type(e).__name__}: {e}")
                 raise
             timings = {**result.timings, "encode_mp4": time.perf_counter() - start}
-            if not jobs.complete(record, video, timings, resolved):
+            if not self._persist(lambda: jobs.complete(record, video, timings, resolved)):
                 video.path.unlink(missing_ok=True)  # canceled or deleted meanwhile
                 return "canceled"
+            stats.latency_s = time.time() - record.created_at  # both wall clocks: created_at is the API's
+            stats.stages_s, stats.steps = timings, result.steps
             self.consecutive_ooms = 0
             return "completed"
         except GenerationCanceled:
             reason = stop_reason[-1] if stop_reason else "canceled"
             if reason == "deadline":
-                jobs.fail(record, "deadline_exceeded", "deadline_seconds passed while the job was running")
+                message = "deadline_seconds passed while the job was running"
+                self._persist(lambda: jobs.fail(record, "deadline_exceeded", message))
                 return "failed"
             if reason == "shutdown" and jobs.requeue(record):
                 return "requeued"
@@ -220,11 +240,27 @@ class WorkerRuntime:
                 failure = ("internal_error", f"{type(e).__name__}: {e}")
         finally:
             if failure is not None:
-                jobs.fail(record, *failure)
+                code, message = failure
+                self._persist(lambda: jobs.fail(record, code, message))
         # Outside the except block: the traceback (and the tensors it holds) is gone before freeing the cache.
         if out_of_memory:
             self._after_out_of_memory()
         return "failed"
+
+    def _persist(self, write: Callable[[], bool]) -> bool:
+        """A job's final write, retried while Redis is away (a restart) for up to `worker_lost_after_s`: past
+        that the janitor takes the run for lost and retries the job, so giving up then loses nothing."""
+        deadline = time.monotonic() + self.settings.worker_lost_after_s
+        while True:
+            try:
+                return write()
+            except RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning(
+                    "worker %s: Redis unavailable for job %s's result; retrying", self.name, self.current_job
+                )
+                time.sleep(0.5)
 
     def _after_out_of_memory(self) -> None:
         import torch
@@ -286,8 +322,16 @@ def serve(settings: Settings, model: str, *, name: str | None = None) -> int:
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
+    set_pillow_limit(settings.max_image_pixels)  # the input images it opens were checked; this is a backstop
     jobs = Jobs.from_settings(settings)
     runtime = WorkerRuntime(settings, jobs, model, name)
+    try:  # first, so that the healthcheck and Prometheus see STARTING while the model loads
+        metrics_server, runtime.metrics_url = metrics.start_worker_server(runtime, settings.worker_metrics_port)
+    except OSError as e:
+        log.error("worker %s: metrics port %d unavailable: %s", runtime.name, settings.worker_metrics_port, e)
+        runtime.set_state("SETUP_FAILED")
+        return EXIT_SETUP_FAILED
+    metrics.init_worker_series(model)
     runtime.publish()
     runtime.start_heartbeat()
     try:
@@ -336,4 +380,6 @@ def serve(settings: Settings, model: str, *, name: str | None = None) -> int:
         runtime.stop_heartbeat()
         if runtime.state != "SETUP_FAILED":
             jobs.remove_worker(runtime.name)
+        metrics_server.shutdown()
+        metrics_server.server_close()
         _runtime = None

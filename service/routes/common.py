@@ -33,9 +33,11 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         415: "Unsupported content type",
         416: "Range not satisfiable",
         422: "Invalid field (named in the body)",
-        429: "Queue full; retry after Retry-After seconds",
+        429: "Queue full, per-key rate limit or job quota; retry after Retry-After seconds",
         503: "Redis unavailable; retry after Retry-After",
     }
+    if 401 in codes:  # a keyed route is also under the key's rate limit (service/limits.py)
+        codes = tuple(sorted({*codes, 429}))
     return {code: {"model": ErrorPublic, "description": descriptions[code]} for code in codes}
 
 

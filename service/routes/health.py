@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from service.deps import JobsDep
+from service.metrics import api_exposition
 from service.schemas import HealthPublic, ReadyPublic
 
 router = APIRouter(tags=["health"])
@@ -21,3 +22,19 @@ def readyz(jobs: JobsDep) -> JSONResponse:
     body = jobs.readiness()
     headers = {} if body.redis else {"Retry-After": "5"}
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503, headers=headers)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition format 0.0.4.",
+        }
+    },
+)
+def metrics(jobs: JobsDep) -> Response:
+    """Prometheus metrics (text format): HTTP latency, job outcomes, queue gauges read from Redis."""
+    body, content_type = api_exposition(jobs)
+    return Response(body, media_type=content_type)

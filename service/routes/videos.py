@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 
 from service.deps import ApiKeyDep, IdempotencyKey, JobsDep, SettingsDep, VideoBody
+from service.limits import submit_job
 from service.queue import submission_from_video
 from service.routes.common import VIDEO_RESPONSE, errors, request_body, video_response
 from service.schemas import VideoDeleted, VideoPublic, VideosPublic
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/v1/videos", tags=["videos"])
     status_code=202,
     response_model=VideoPublic,
     openapi_extra=request_body("VideoCreateRequest", "VideoCreateForm"),
-    responses=errors(401, 409, 413, 415, 422, 429, 503),
+    responses=errors(400, 401, 409, 413, 415, 422, 429, 503),  # 400: malformed multipart
 )
 def create_video(
     body: VideoBody,
@@ -33,8 +34,11 @@ def create_video(
 ) -> VideoPublic:
     """Create a video (OpenAI `videos.create`; multipart with `input_reference` as a file, or JSON)."""
     request, upload = body
-    record, replayed = jobs.submit(
-        submission_from_video(settings, request, upload), idempotency_key=idempotency_key, scope=scope
+    record, replayed = submit_job(
+        jobs,
+        submission_from_video(settings, request, upload),
+        idempotency_key=idempotency_key,
+        scope=scope,
     )
     response.headers["Location"] = f"/v1/videos/{record.id}"
     if replayed:

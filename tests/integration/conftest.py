@@ -29,6 +29,10 @@ TEST_ENV = {
     "TD_JANITOR_INTERVAL_S": "0.5",
     "TD_TORCH_THREADS": "1",
     "TD_LOG_LEVEL": "INFO",
+    # No API keys: said explicitly (the API refuses to start otherwise); the security tests set keys.
+    "TD_AUTH_DISABLED": "true",
+    # Each worker on a free metrics port (its metrics_url in /readyz says which): several share this host.
+    "TD_WORKER_METRICS_PORT": "0",
 }
 
 

@@ -19,6 +19,10 @@ from redis.exceptions import RedisError
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 6379
 UNIT_DB = 14  # tests/unit/test_service_*.py
 INTEGRATION_DB = 13  # tests/integration/
+SECURITY_DB = 12  # tests/unit/test_*_security.py
+RELIABILITY_DB = 11  # tests/integration/test_reliability_*.py, test_security_*.py
+METRICS_UNIT_DB = 10  # tests/unit/test_metrics*.py
+METRICS_INTEGRATION_DB = 9  # tests/integration/test_metrics*.py
 
 _started: subprocess.Popen[bytes] | None = None
 _base_url: str | None = None

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
+from service.auth import key_digest
 from service.queue import EVENTS, Jobs
 from service.settings import Settings
 from tests.integration.redis_server import UNIT_DB, flushed_db_url
@@ -39,6 +40,7 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
         redis_url=flushed_db_url(UNIT_DB),  # type: ignore[call-arg]
         storage_dir=tmp_path / "results",
         models=["tiny-t2v", "tiny-i2v"],
+        auth_disabled=True,
     )
     flushed_db_url(UNIT_DB)
 
@@ -382,6 +384,7 @@ def test_redis_unavailable_answers_503_with_retry_after(tmp_path: Path) -> None:
         _env_file=None,
         redis_url="redis://127.0.0.1:1/0",  # type: ignore[call-arg]
         storage_dir=tmp_path,
+        auth_disabled=True,
     )
     with make_client(settings) as api:
         response = api.post("/v1/generate", json=t2v())
@@ -394,7 +397,9 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TD_CHECKPOINT_DIRS", json.dumps({"tiny-t2v": "/ckpt/t2v"}))
     monkeypatch.setenv("TD_API_KEYS", "a,b")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.models == ["tiny-t2v", "tiny-i2v"] and settings.api_keys == ["a", "b"]
+    # Plain keys are hashed on load (local only): the settings never hold a usable key.
+    assert settings.models == ["tiny-t2v", "tiny-i2v"]
+    assert settings.api_keys == [key_digest("a"), key_digest("b")]
     assert (
         settings.checkpoint_dir("tiny-t2v") == Path("/ckpt/t2v")
         and settings.checkpoint_dir("tiny-i2v") is None

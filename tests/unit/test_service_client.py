@@ -27,6 +27,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Jobs]]:
         storage_dir=tmp_path,
         models=["tiny-t2v"],
         queue_max_depth=1,
+        auth_disabled=True,
     )
     app = create_app(settings)
     port = free_port()
