@@ -42,6 +42,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from engine.configs import ModelSpec, from_name
 from service import metrics
+from service.auth import ANONYMOUS
 from service.schemas import (
     ErrorCode,
     GenerateRequest,
@@ -155,6 +156,9 @@ class JobRecord(BaseModel):
     webhook_url: str | None = None
     metadata: dict[str, str] | None = None
     idempotency_key: str | None = None  # the Redis key of the idempotency record that points here
+    # The scope (service/auth.py) of the API key that created the job: only that key sees it. A record
+    # without one (written before jobs had owners) is ANONYMOUS's, so no keyed caller sees it.
+    owner: str = ANONYMOUS
 
     def encode(self) -> dict[str, str]:
         return {name: json.dumps(value) for name, value in self.model_dump(mode="json").items()}
@@ -162,6 +166,11 @@ class JobRecord(BaseModel):
     @classmethod
     def decode(cls, fields: dict[str, str]) -> JobRecord:
         return cls.model_validate({name: json.loads(value) for name, value in fields.items()})
+
+
+def jobs_index(owner: str) -> str:
+    """The zset listing `owner`'s jobs: ANONYMOUS (authentication disabled) lists every job."""
+    return JOBS_INDEX if owner == ANONYMOUS else key("jobs", owner)
 
 
 def _encode_fields(fields: dict[str, Any]) -> list[str]:
@@ -479,9 +488,15 @@ class Jobs:
         fields = self.redis.hgetall(key("job", canonical_job_id(job_id)))
         return JobRecord.decode(fields) if fields else None  # type: ignore[arg-type]
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, *, scope: str = ANONYMOUS) -> JobRecord:
+        """The job as `scope` may see it: a keyed caller sees only its own jobs; ANONYMOUS (authentication
+        disabled, or the service itself) sees every job.
+
+        Raises:
+            JobNotFound: no such job, or another key's — the same answer, so a job's existence never leaks.
+        """
         record = self.find(job_id)
-        if record is None:
+        if record is None or (scope != ANONYMOUS and record.owner != scope):
             raise JobNotFound(f"job {job_id} not found")
         return record
 
@@ -561,10 +576,11 @@ class Jobs:
     # --- submission ---
 
     def submit(
-        self, submission: Submission, *, idempotency_key: str | None = None, scope: str = "anonymous"
+        self, submission: Submission, *, idempotency_key: str | None = None, scope: str = ANONYMOUS
     ) -> tuple[JobRecord, bool]:
-        """Create and enqueue a job; returns (record, replayed). With an Idempotency-Key, the same key and
-        body return the first job (replayed=True) and a different body raises JobConflict."""
+        """Create and enqueue a job owned by `scope`; returns (record, replayed). With an Idempotency-Key
+        (kept per scope), the same key and body return the first job (replayed=True) and a different body
+        raises JobConflict."""
         job_id = str(uuid.uuid4())
         idem_key = None
         if idempotency_key is not None:
@@ -573,7 +589,7 @@ class Jobs:
             if existing is not None:
                 return existing, True
         try:
-            record = self._create(job_id, submission, idem_key)
+            record = self._create(job_id, submission, idem_key, scope)
         except BaseException:
             if idem_key is not None:
                 self.redis.delete(idem_key)
@@ -600,7 +616,7 @@ class Jobs:
                 self.redis.delete(idem_key)
         raise JobConflict("Idempotency-Key is in use by a request that is still being processed")
 
-    def _create(self, job_id: str, submission: Submission, idem_key: str | None) -> JobRecord:
+    def _create(self, job_id: str, submission: Submission, idem_key: str | None, owner: str) -> JobRecord:
         queue = self.queue(submission.model)
         depth = queue.count
         if depth >= self.settings.queue_max_depth:
@@ -627,12 +643,15 @@ class Jobs:
             webhook_url=submission.webhook_url,
             metadata=submission.metadata,
             idempotency_key=idem_key,
+            owner=owner,
         )
         with self.rq_redis.pipeline() as pipe:
             # MULTI first: RQ's enqueue calls multi() itself on a pipeline that is not in a transaction yet.
             pipe.multi()
             pipe.hset(key("job", job_id), mapping=record.encode())  # type: ignore[arg-type]
             pipe.zadd(JOBS_INDEX, {job_id: now})
+            if owner != ANONYMOUS:
+                pipe.zadd(jobs_index(owner), {job_id: now})
             if record.deadline_at is not None:
                 pipe.zadd(DEADLINES, {job_id: record.deadline_at})
             self._enqueue(record, pipe)
@@ -656,10 +675,11 @@ class Jobs:
 
     # --- client operations ---
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, *, scope: str = ANONYMOUS) -> JobRecord:
         """Queued: removed from the queue at once. Running: marked canceled now; the worker sees it at its
-        next step check, stops and frees the GPU. Already canceled: unchanged."""
-        record = self.get(job_id)
+        next step check, stops and frees the GPU. Already canceled: unchanged. Another key's job:
+        JobNotFound."""
+        record = self.get(job_id, scope=scope)
         if record.status == JobStatus.canceled:
             return record
         if record.status.is_terminal:
@@ -682,9 +702,9 @@ class Jobs:
         except (NoSuchJobError, InvalidJobOperation):
             pass
 
-    def delete(self, job_id: str) -> None:
-        """Delete the job and its files (a running job is canceled first)."""
-        record = self.get(job_id)
+    def delete(self, job_id: str, *, scope: str = ANONYMOUS) -> None:
+        """Delete the job and its files (a running job is canceled first). Another key's job: JobNotFound."""
+        record = self.get(job_id, scope=scope)
         if not record.status.is_terminal:
             try:
                 self.cancel(job_id)
@@ -693,6 +713,7 @@ class Jobs:
         with self.redis.pipeline() as pipe:
             pipe.delete(key("job", record.id))
             pipe.zrem(JOBS_INDEX, record.id)
+            pipe.zrem(jobs_index(record.owner), record.id)
             pipe.zrem(DEADLINES, record.id)
             pipe.execute()
         if record.status != JobStatus.in_progress:  # a running RQ job is the worker's; RQ's TTLs clear it
@@ -707,27 +728,34 @@ class Jobs:
         self.storage.delete(record.id)
 
     def page(
-        self, *, after: str | None = None, limit: int = 20, order: Literal["asc", "desc"] = "desc"
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+        scope: str = ANONYMOUS,
     ) -> tuple[list[JobRecord], bool]:
-        """One page of jobs by creation time; returns (records, has_more)."""
+        """One page of the jobs `scope` may see (its own; ANONYMOUS: all) by creation time; returns
+        (records, has_more)."""
+        index = jobs_index(scope)
         start = 0
         if after is not None:
-            rank = (self.redis.zrevrank if order == "desc" else self.redis.zrank)(JOBS_INDEX, after)
+            rank = (self.redis.zrevrank if order == "desc" else self.redis.zrank)(index, after)
             if rank is None:
                 raise InvalidField("after", f"after {after!r} is not a known job id", after)
             start = int(rank) + 1  # type: ignore[arg-type]
         records: list[JobRecord] = []
-        for record in self._iter_index(start, order):
+        for record in self._iter_index(index, start, order):
             if len(records) == limit:
                 return records, True
             records.append(record)
         return records, False
 
-    def _iter_index(self, start: int, order: Literal["asc", "desc"]) -> Iterator[JobRecord]:
+    def _iter_index(self, index: str, start: int, order: Literal["asc", "desc"]) -> Iterator[JobRecord]:
         batch = 100
         while True:
             read = self.redis.zrevrange if order == "desc" else self.redis.zrange
-            ids: list[str] = read(JOBS_INDEX, start, start + batch - 1)  # type: ignore[assignment]
+            ids: list[str] = read(index, start, start + batch - 1)  # type: ignore[assignment]
             if not ids:
                 return
             with self.redis.pipeline(transaction=False) as pipe:
@@ -735,15 +763,18 @@ class Jobs:
                     pipe.hgetall(key("job", job_id))
                 found = pipe.execute()
             gone = [job_id for job_id, fields in zip(ids, found, strict=True) if not fields]
-            if gone:  # expired records: drop them from the index
-                self.redis.zrem(JOBS_INDEX, *gone)
+            if gone:  # expired records: drop them from this index and the index of every job
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrem(index, *gone)
+                    pipe.zrem(JOBS_INDEX, *gone)
+                    pipe.execute()
             for fields in found:
                 if fields:
                     yield JobRecord.decode(fields)
             start += batch - len(gone)
 
-    def video(self, job_id: str) -> tuple[JobRecord, VideoFile]:
-        record = self.get(job_id)
+    def video(self, job_id: str, *, scope: str = ANONYMOUS) -> tuple[JobRecord, VideoFile]:
+        record = self.get(job_id, scope=scope)
         if record.status != JobStatus.completed:
             raise JobConflict(f"job {record.id} is {record.status.value}; its video exists once completed")
         path = self.storage.video_path(record.id)

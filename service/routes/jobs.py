@@ -16,12 +16,12 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.get("", response_model=JobsPublic, responses=errors(401, 422, 503))
 def list_jobs(
     jobs: JobsDep,
-    _: ApiKeyDep,
+    scope: ApiKeyDep,
     after: Annotated[UUID | None, Query(description="Id of the last job of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobsPublic:
-    """List jobs, newest first."""
-    records, has_more = jobs.page(after=None if after is None else str(after), limit=limit)
+    """List the caller's jobs (those its API key created), newest first."""
+    records, has_more = jobs.page(after=None if after is None else str(after), limit=limit, scope=scope)
     data = [jobs.to_job_public(record) for record in records]
     return JobsPublic(
         data=data,
@@ -32,9 +32,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=errors(401, 404, 422, 503))
-def get_job(job_id: UUID, jobs: JobsDep, _: ApiKeyDep, response: Response) -> JobPublic:
+def get_job(job_id: UUID, jobs: JobsDep, scope: ApiKeyDep, response: Response) -> JobPublic:
     """Status, stage, progress, queue position, ETA and timings of a job."""
-    job = jobs.to_job_public(jobs.get(str(job_id)))
+    job = jobs.to_job_public(jobs.get(str(job_id), scope=scope))
     response.headers["openai-poll-after-ms"] = str(jobs.poll_after_ms(job.eta_seconds))
     return job
 
@@ -44,27 +44,27 @@ def get_job(job_id: UUID, jobs: JobsDep, _: ApiKeyDep, response: Response) -> Jo
     response_class=FileResponse,
     responses={**VIDEO_RESPONSE, **errors(401, 404, 409, 416, 422, 503)},
 )
-def get_video(job_id: UUID, jobs: JobsDep, settings: SettingsDep, _: ApiKeyDep) -> FileResponse:
+def get_video(job_id: UUID, jobs: JobsDep, settings: SettingsDep, scope: ApiKeyDep) -> FileResponse:
     """Download the MP4 of a completed job (Range requests answer 206)."""
-    record, video = jobs.video(str(job_id))
+    record, video = jobs.video(str(job_id), scope=scope)
     return video_response(record.id, video, settings.result_ttl_s)
 
 
 @router.head("/{job_id}/video", response_class=FileResponse, responses=errors(401, 404, 409, 422, 503))
-def head_video(job_id: UUID, jobs: JobsDep, settings: SettingsDep, _: ApiKeyDep) -> FileResponse:
+def head_video(job_id: UUID, jobs: JobsDep, settings: SettingsDep, scope: ApiKeyDep) -> FileResponse:
     """Headers of the MP4 (size, ETag, Accept-Ranges) without its bytes."""
-    record, video = jobs.video(str(job_id))
+    record, video = jobs.video(str(job_id), scope=scope)
     return video_response(record.id, video, settings.result_ttl_s)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(401, 404, 409, 422, 503))
-def cancel_job(job_id: UUID, jobs: JobsDep, _: ApiKeyDep) -> JobPublic:
+def cancel_job(job_id: UUID, jobs: JobsDep, scope: ApiKeyDep) -> JobPublic:
     """Cancel a job: a queued one leaves the queue, a running one stops at its next step."""
-    return jobs.to_job_public(jobs.cancel(str(job_id)))
+    return jobs.to_job_public(jobs.cancel(str(job_id), scope=scope))
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=errors(401, 404, 422, 503))
-def delete_job(job_id: UUID, jobs: JobsDep, _: ApiKeyDep) -> Response:
+def delete_job(job_id: UUID, jobs: JobsDep, scope: ApiKeyDep) -> Response:
     """Delete a job and its files (a running job is canceled first)."""
-    jobs.delete(str(job_id))
+    jobs.delete(str(job_id), scope=scope)
     return Response(status_code=204)

@@ -49,13 +49,15 @@ def create_video(
 @router.get("", response_model=VideosPublic, responses=errors(401, 422, 503))
 def list_videos(
     jobs: JobsDep,
-    _: ApiKeyDep,
+    scope: ApiKeyDep,
     after: Annotated[UUID | None, Query(description="Id of the last video of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
 ) -> VideosPublic:
-    """List videos by creation time (OpenAI cursor page)."""
-    records, has_more = jobs.page(after=None if after is None else str(after), limit=limit, order=order)
+    """List the caller's videos (those its API key created) by creation time (OpenAI cursor page)."""
+    records, has_more = jobs.page(
+        after=None if after is None else str(after), limit=limit, order=order, scope=scope
+    )
     data = [jobs.to_video_public(record) for record in records]
     return VideosPublic(
         data=data,
@@ -66,9 +68,9 @@ def list_videos(
 
 
 @router.get("/{video_id}", response_model=VideoPublic, responses=errors(401, 404, 422, 503))
-def retrieve_video(video_id: UUID, jobs: JobsDep, _: ApiKeyDep, response: Response) -> VideoPublic:
+def retrieve_video(video_id: UUID, jobs: JobsDep, scope: ApiKeyDep, response: Response) -> VideoPublic:
     """The video object; `openai-poll-after-ms` tells pollers when to ask again."""
-    video = jobs.to_video_public(jobs.get(str(video_id)))
+    video = jobs.to_video_public(jobs.get(str(video_id), scope=scope))
     response.headers["openai-poll-after-ms"] = str(jobs.poll_after_ms(video.eta_seconds))
     return video
 
@@ -82,25 +84,25 @@ def download_video(
     video_id: UUID,
     jobs: JobsDep,
     settings: SettingsDep,
-    _: ApiKeyDep,
+    scope: ApiKeyDep,
     _variant: Annotated[
         Literal["video"],
         Query(alias="variant", description="Only `video` is produced (no thumbnail or spritesheet)."),
     ] = "video",
 ) -> FileResponse:
     """Download the MP4 (OpenAI `download_content`; Range requests answer 206)."""
-    record, video = jobs.video(str(video_id))
+    record, video = jobs.video(str(video_id), scope=scope)
     return video_response(record.id, video, settings.result_ttl_s)
 
 
 @router.post("/{video_id}/cancel", response_model=VideoPublic, responses=errors(401, 404, 409, 422, 503))
-def cancel_video(video_id: UUID, jobs: JobsDep, _: ApiKeyDep) -> VideoPublic:
+def cancel_video(video_id: UUID, jobs: JobsDep, scope: ApiKeyDep) -> VideoPublic:
     """Cancel a video job (extension: OpenAI has no cancel)."""
-    return jobs.to_video_public(jobs.cancel(str(video_id)))
+    return jobs.to_video_public(jobs.cancel(str(video_id), scope=scope))
 
 
 @router.delete("/{video_id}", response_model=VideoDeleted, responses=errors(401, 404, 422, 503))
-def delete_video(video_id: UUID, jobs: JobsDep, _: ApiKeyDep) -> VideoDeleted:
+def delete_video(video_id: UUID, jobs: JobsDep, scope: ApiKeyDep) -> VideoDeleted:
     """Delete a video and its files (a running job is canceled first)."""
-    jobs.delete(str(video_id))
+    jobs.delete(str(video_id), scope=scope)
     return VideoDeleted(id=str(video_id))

@@ -17,16 +17,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import SecretStr
 from rq.serializers import JSONSerializer
 
 from service.app import create_app
 from service.auth import key_digest, new_api_key
 from service.limits import QuotaExceeded, submit_job
 from service.queue import Jobs, submission_from_generate
-from service.schemas import GenerateRequest
+from service.schemas import GenerateRequest, JobStatus
 from service.settings import Settings
 from tests.integration.faultkit import assert_no_pickle
 from tests.integration.redis_server import SECURITY_DB, flushed_db_url
@@ -143,7 +145,7 @@ def test_every_v1_route_needs_a_valid_bearer_key(api: TestClient) -> None:
             assert response.headers["www-authenticate"] == "Bearer"
             assert response.json()["error"]["code"] == "unauthorized"
     assert api.get("/healthz").status_code == 200  # probes need no key
-    assert api.get(f"/v1/jobs/{job_id}", headers=auth(KEY_B)).status_code == 200
+    assert api.get(f"/v1/jobs/{job_id}", headers=auth(KEY_A)).status_code == 200
 
 
 # --- Rate limit and quota ---------------------------------------------------------------------------------------
@@ -425,3 +427,107 @@ def test_an_uploaded_file_name_never_reaches_the_file_system(api: TestClient, se
         jobs_of(api).storage.job_dir("../../etc")
     with pytest.raises(ValueError):
         jobs_of(api).storage.image_path(response.json()["id"], "../../etc/passwd")
+
+
+# --- Job isolation between keys --------------------------------------------------------------------------------
+
+
+def complete_with_video(jobs: Jobs, job_id: str) -> None:
+    """Run the worker's side of a job by hand: claim it, encode a real 4-frame MP4, mark it completed."""
+    record = jobs.claim(job_id, jobs.get(job_id).rq_job_id, "test-worker")
+    assert record is not None
+    video = jobs.storage.write_video(job_id, np.zeros((4, 48, 64, 3), np.uint8), fps=record.fps)
+    assert jobs.complete(record, video, {"denoise": 0.1}, record.params)
+
+
+def job_routes(job_id: str) -> list[tuple[str, str]]:
+    """Every route that names one job, reads first (cancel and delete change it)."""
+    return [
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("GET", f"/v1/jobs/{job_id}/video"),
+        ("HEAD", f"/v1/jobs/{job_id}/video"),
+        ("GET", f"/v1/jobs/{job_id}/webhook"),
+        ("GET", f"/v1/videos/{job_id}"),
+        ("GET", f"/v1/videos/{job_id}/content"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ("POST", f"/v1/videos/{job_id}/cancel"),
+        ("DELETE", f"/v1/jobs/{job_id}"),
+        ("DELETE", f"/v1/videos/{job_id}"),
+    ]
+
+
+def listed(api: TestClient, key: str) -> dict[str, set[str]]:
+    return {
+        path: {item["id"] for item in api.get(path, headers=auth(key)).json()["data"]}
+        for path in ("/v1/jobs", "/v1/videos")
+    }
+
+
+def test_jobs_of_one_key_are_invisible_to_another(settings: Settings) -> None:
+    webhooks = settings.model_copy(
+        update={"webhook_secret": SecretStr("whsec_" + base64.b64encode(b"s" * 32).decode())}
+    )
+    with TestClient(create_app(webhooks)) as api:
+        jobs = jobs_of(api)
+        queued = api.post(
+            "/v1/generate", json=t2v(webhook_url="https://hooks.example.com/td"), headers=auth(KEY_A)
+        ).json()["id"]
+        completed = api.post("/v1/videos", json={"model": "tiny-t2v", "prompt": "a fox"}, headers=auth(KEY_A))
+        completed_id = completed.json()["id"]
+        complete_with_video(jobs, completed_id)
+        own_b = api.post("/v1/generate", json=t2v(), headers=auth(KEY_B)).json()["id"]
+        unknown = "0b6f2d1e-51a7-4c2e-9d7e-1c0a4b0f9e11"
+
+        for job_id in (queued, completed_id):
+            for method, path in job_routes(job_id):
+                response = api.request(method, path, headers=auth(KEY_B))
+                # The answer of an id that does not exist, so B learns nothing about A's job.
+                absent = api.request(method, path.replace(job_id, unknown), headers=auth(KEY_B))
+                assert response.status_code == absent.status_code == 404, (method, path)
+                if method != "HEAD":
+                    assert response.json()["error"]["code"] == "not_found", (method, path)
+                    assert response.json() == json.loads(absent.text.replace(unknown, job_id)), (method, path)
+        assert jobs.get(queued).status == JobStatus.queued  # B's cancel and delete changed nothing
+        assert jobs.get(completed_id).status == JobStatus.completed
+        assert jobs.storage.video_path(completed_id).is_file()
+
+        assert listed(api, KEY_A) == {path: {queued, completed_id} for path in ("/v1/jobs", "/v1/videos")}
+        assert listed(api, KEY_B) == {path: {own_b} for path in ("/v1/jobs", "/v1/videos")}
+        for path in ("/v1/jobs", "/v1/videos"):  # A's id is no cursor for B: the same 422 as an unknown id
+            cursor = api.get(path, params={"after": queued}, headers=auth(KEY_B))
+            assert cursor.status_code == 422 and cursor.json()["error"]["param"] == "after"
+
+        # A still does everything with its own jobs.
+        assert api.get(f"/v1/jobs/{queued}", headers=auth(KEY_A)).json()["status"] == "queued"
+        assert api.get(f"/v1/videos/{completed_id}", headers=auth(KEY_A)).json()["status"] == "completed"
+        assert api.get(f"/v1/jobs/{queued}/webhook", headers=auth(KEY_A)).json()["status"] == "waiting"
+        mp4 = jobs.storage.video_path(completed_id).read_bytes()
+        for path in (f"/v1/jobs/{completed_id}/video", f"/v1/videos/{completed_id}/content"):
+            download = api.get(path, headers=auth(KEY_A))
+            assert download.status_code == 200 and download.content == mp4
+        assert api.head(f"/v1/jobs/{completed_id}/video", headers=auth(KEY_A)).status_code == 200
+        first = api.get("/v1/jobs", params={"limit": 1}, headers=auth(KEY_A)).json()
+        rest = api.get("/v1/jobs", params={"after": first["last_id"]}, headers=auth(KEY_A)).json()
+        assert [j["id"] for j in first["data"] + rest["data"]] == [completed_id, queued]  # newest first
+        canceled = api.post(f"/v1/jobs/{queued}/cancel", headers=auth(KEY_A))
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+        assert api.post(f"/v1/videos/{queued}/cancel", headers=auth(KEY_A)).json()["status"] == "canceled"
+        assert api.delete(f"/v1/jobs/{queued}", headers=auth(KEY_A)).status_code == 204
+        deleted = api.delete(f"/v1/videos/{completed_id}", headers=auth(KEY_A))
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert not jobs.storage.video_path(completed_id).exists()
+        assert listed(api, KEY_A) == {path: set() for path in ("/v1/jobs", "/v1/videos")}
+        assert listed(api, KEY_B) == {path: {own_b} for path in ("/v1/jobs", "/v1/videos")}
+
+
+def test_without_keys_every_job_is_visible_as_before(settings: Settings) -> None:
+    local = settings.model_copy(update={"api_keys": [], "auth_disabled": True})
+    with TestClient(create_app(local)) as api:
+        first = api.post("/v1/generate", json=t2v()).json()["id"]
+        second = api.post("/v1/videos", json={"model": "tiny-t2v", "prompt": "a fox"}).json()["id"]
+        assert {item["id"] for item in api.get("/v1/jobs").json()["data"]} == {first, second}
+        assert {item["id"] for item in api.get("/v1/videos").json()["data"]} == {first, second}
+        assert api.get(f"/v1/videos/{first}").status_code == 200
+        assert api.post(f"/v1/jobs/{second}/cancel").json()["status"] == "canceled"
+        assert api.delete(f"/v1/videos/{first}").status_code == 200
+        assert [item["id"] for item in api.get("/v1/jobs").json()["data"]] == [second]
