@@ -687,9 +687,14 @@ def sparse_block_map(q: torch.Tensor, k: torch.Tensor, *, topk: float, block_q: 
 
 
 def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
-    """16-bit with a contiguous head dim: the kernels' input contract (fp32 goes to bf16, as SageSLA does)."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        x = x.to(torch.bfloat16)
+    """16-bit with a contiguous head dim: the kernels' input contract (fp32 goes to bf16, as SageSLA does).
+
+    Under TRITON_INTERPRET=1 (CPU tests) everything goes to fp16 instead: the Triton 3.9 interpreter multiplies
+    bf16 tiles as their raw bits (docs/notes/attention.md), which would make every CPU run of a bf16 path garbage.
+    """
+    target = torch.float16 if _interpreting() else torch.bfloat16
+    if x.dtype not in (torch.bfloat16, torch.float16) or (_interpreting() and x.dtype != target):
+        x = x.to(target)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
