@@ -280,7 +280,13 @@ def test_every_dashboard_query_returns_data_from_a_live_prometheus(live: Metrics
         result = live.query('sum(tdserve_jobs_finished_total{status="completed"})')
         return float(result[0]["value"][1]) if result else 0.0
 
-    before = completed_in_prometheus()
+    def latency_count() -> float:
+        result = live.query("sum(tdserve_job_latency_seconds_count)")
+        return float(result[0]["value"][1]) if result else 0.0
+
+    # Compare increases, not totals: jobs of earlier tests (and a replaced worker's stale series) may be
+    # counted in one sum and not the other.
+    before, latency_before = completed_in_prometheus(), latency_count()
     new_jobs = 3
     with httpx.Client(base_url=live.stack.url, timeout=30) as client:
         ids = [submit(client, small_job(steps=STEPS, seed=100 + i))["id"] for i in range(new_jobs)]
@@ -292,8 +298,7 @@ def test_every_dashboard_query_returns_data_from_a_live_prometheus(live: Metrics
         what=f"Prometheus to count {before + new_jobs} completed jobs",
         interval=0.5,
     )
-    latency_count = live.query("sum(tdserve_job_latency_seconds_count)")
-    assert float(latency_count[0]["value"][1]) == before + new_jobs
+    assert latency_count() - latency_before == new_jobs
 
     dashboard = json.loads(DASHBOARD.read_text())
     # Grafana's $__rate_interval is at least four scrape intervals; this one spans the whole test, so every
