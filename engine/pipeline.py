@@ -223,7 +223,8 @@ class Pipeline:
 
     def generate(self, request: GenerationRequest, *, on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> GenerationResult:
-        """Run one request through every stage; raises GenerationCanceled when `should_cancel()` says so."""
+        """Run one request through every stage; raises GenerationCanceled when `should_cancel()` says so
+        (polled before every denoising step, between stages and between VAE decode chunks)."""
         req = self.validate(request)
         assert req.width and req.height and req.num_frames and req.steps and req.seed is not None
         progress = on_progress or (lambda stage, step, total: None)
@@ -260,7 +261,11 @@ class Pipeline:
             check_cancel()
             progress("vae_decode", req.steps, req.steps)
             with self._timed(timings, "vae_decode"):
-                frames = self.decode(latent)
+                chunks = []
+                for chunk in self.decode_frames(latent):  # cancel (and deadlines) also act between decode chunks
+                    chunks.append(chunk)
+                    check_cancel()
+                frames = np.concatenate(chunks, axis=0)
         return GenerationResult(frames=frames, fps=self.spec.fps, seed=req.seed, width=req.width,
                                 height=req.height, num_frames=req.num_frames, steps=req.steps, timings=timings)
 

@@ -95,6 +95,17 @@ def test_cancel_stops_between_steps(t2v: Pipeline) -> None:
     assert steps_seen == [1]
 
 
+def test_cancel_stops_during_vae_decode(t2v: Pipeline) -> None:
+    """A cancel (or a deadline, which the worker turns into one) that arrives while the VAE decodes stops the
+    decode at the next chunk instead of after the whole video."""
+    stages: list[str] = []
+    with pytest.raises(GenerationCanceled):
+        t2v.generate(GenerationRequest(prompt="x", num_frames=17, steps=1, seed=0),
+                     on_progress=lambda stage, step, total: stages.append(stage),
+                     should_cancel=lambda: stages[-1:] == ["vae_decode"])
+    assert stages[-1] == "vae_decode"
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
