@@ -31,6 +31,8 @@ import torch.nn as nn
 from engine.configs import DiTConfig
 from engine.ops import norms
 from engine.ops.attention import BACKENDS, DEFAULT_TOPK, attention
+from engine.ops.int8_linear import shared_input_linears
+from engine.ops.rope import rms_norm_rope
 
 # RoPE tables of this many token grids (F', H', W', device) stay cached per model: the presets of one
 # deployment use a handful of grids, and an unbounded dict would grow with every new video size.
@@ -277,12 +279,14 @@ class WanAttentionBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).chunk(6, dim=1)
 
         h = self.norm1.modulate(x, shift1, scale1, self.compute_dtype)
-        x = x + self.self_attn(h, rope, attention_backend, topk) * gate1
+        # x + y·gate as one kernel each (addcmul promotes to fp32 like the official `x + y * gate`); the first
+        # update makes the block's own fp32 copy of x, the later ones may then update it in place.
+        x = torch.addcmul(x, self.self_attn(h, rope, attention_backend, topk), gate1)
 
-        x = x + self.cross_attn(self.norm3(x, self.compute_dtype), context)
+        x = _residual_add_(x, self.cross_attn(self.norm3(x, self.compute_dtype), context))
 
         h = self.norm2.modulate(x, shift2, scale2, self.compute_dtype)
-        return x + self.ffn(h) * gate2
+        return _residual_add_(x, self.ffn(h), gate2)
 
 
 class WanAttention(nn.Module):
@@ -310,11 +314,14 @@ class WanSelfAttention(WanAttention):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: str,
                 topk: float) -> torch.Tensor:
         """x [B, L, D] in the matmul dtype → [B, L, D] in the matmul dtype."""
-        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh] fp32
-        k = self.norm_k(self.k(x)).unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh] fp32
-        v = self.v(x).unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh]
-        q = apply_rope(q, *rope).to(v.dtype)
-        k = apply_rope(k, *rope).to(v.dtype)
+        q, k, v = shared_input_linears(x, (self.q, self.k, self.v))  # [B, L, D] each
+        v = v.unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh]
+        if self.norm_q.fused:  # RMSNorm + RoPE + the cast in one pass per tensor (engine.ops.rope)
+            q = rms_norm_rope(q, self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps, out_dtype=v.dtype)
+            k = rms_norm_rope(k, self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps, out_dtype=v.dtype)
+        else:
+            q = apply_rope(self.norm_q(q).unflatten(2, (self.num_heads, -1)), *rope).to(v.dtype)  # [B, L, H, Dh]
+            k = apply_rope(self.norm_k(k).unflatten(2, (self.num_heads, -1)), *rope).to(v.dtype)
         proj_l = self.attn_op.local_attn.proj_l if self.attn_op is not None else None
         out = attention(q, k, v, backend=backend, topk=topk, proj_l=proj_l)  # [B, L, H, Dh]
         return self.o(out.flatten(2))
@@ -341,8 +348,8 @@ class WanCrossAttention(WanAttention):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, L, D], context [B, Lc, D], both in the matmul dtype → [B, L, D] in the matmul dtype."""
         v = self.v(context).unflatten(2, (self.num_heads, -1))  # [B, Lc, H, Dh]
-        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1)).to(v.dtype)  # [B, L, H, Dh]
-        k = self.norm_k(self.k(context)).unflatten(2, (self.num_heads, -1)).to(v.dtype)  # [B, Lc, H, Dh]
+        q = self.norm_q(self.q(x), v.dtype).unflatten(2, (self.num_heads, -1))  # [B, L, H, Dh]
+        k = self.norm_k(self.k(context), v.dtype).unflatten(2, (self.num_heads, -1))  # [B, Lc, H, Dh]
         out = attention(q, k, v, backend="sdpa")  # [B, L, H, Dh]
         return self.o(out.flatten(2))
 
@@ -398,11 +405,20 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.fused = False  # Triton kernel (TurboDiffusion FastRMSNorm: weight applied before the one cast)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """RMSNorm(x)·weight in out_dtype (fp32 as the official module; bf16 when it only feeds attention)."""
         if self.fused:
-            return norms.rms_norm(x, self.weight, self.eps, out_dtype=torch.float32)
+            return norms.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ((xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+                ).to(out_dtype)
+
+
+def _residual_add_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x + y(·gate) in one kernel, in place unless autograd still needs x (the norms save their input)."""
+    if x.requires_grad:
+        return x + y if gate is None else torch.addcmul(x, y, gate)
+    return x.add_(y) if gate is None else x.addcmul_(y, gate)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ block, because the scales change every 128 channels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -743,3 +744,16 @@ class Int8FeedForward(nn.Sequential):
         hq, hs = block_scaled_mm_gelu_quant(xq, xs, fc1.int8_weight, fc1.scale, fc1.bias)
         y = block_scaled_mm(hq, hs, fc2.int8_weight, fc2.scale, fc2.bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], fc2.out_features)
+
+
+def shared_input_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]`, with x quantized once when every layer is an INT8 Int8Linear on the
+    Triton path (q, k and v of an attention read the same activation: one quantizer pass instead of three)."""
+    int8_layers = [layer for layer in layers if isinstance(layer, Int8Linear) and layer.gemm == "int8"
+                   and (layer.backend or ("triton" if x.is_cuda else "torch")) == "triton"]
+    if len(int8_layers) != len(layers) or len(layers) < 2:
+        return [layer(x) for layer in layers]
+    x2d = x.reshape(-1, x.shape[-1])  # [M, K]
+    xq, xs = quantize_blockwise(x2d, "int8")
+    return [block_scaled_mm(xq, xs, layer.int8_weight, layer.scale, layer.bias, out_dtype=x.dtype)
+            .reshape(*x.shape[:-1], layer.out_features) for layer in int8_layers]

@@ -25,6 +25,7 @@ from engine.ops.int8_linear import (
     quantize_blockwise,
     quantize_blockwise_reference,
     requantize_int8_to_fp8,
+    shared_input_linears,
 )
 
 # (rows, cols): one exact tile, ragged rows and columns, a single row, a ragged 2×2-tile grid.
@@ -306,3 +307,18 @@ def test_int8_feed_forward_fused_matches_sequential() -> None:
     # Same int8 blocks up to one step in rare elements (see above), then one bf16 step of output rounding
     # (the interpreter truncates, 2^-7): far below the quantization error itself (~1e-2).
     assert _rel(fused, sequential) <= 5e-3
+
+
+def test_shared_input_linears_quantize_once_and_match_each_layer() -> None:
+    layers = [Int8Linear.from_linear(nn.Linear(192, n)) for n in (192, 192, 70)]
+    x = _with_outlier_channels(torch.randn(2, 40, 192))
+    expected = [layer(x) for layer in layers]  # CPU default: each layer's own torch-backend quantization
+    for layer in layers:
+        layer.backend = "triton"  # the Triton path (interpreted here) is the one that shares the quantizer
+    outputs = shared_input_linears(x, layers)
+    assert [tuple(o.shape) for o in outputs] == [(2, 40, 192), (2, 40, 192), (2, 40, 70)]
+    for out, ref in zip(outputs, expected, strict=True):
+        assert _rel(out, ref) <= 1e-6
+    # A float layer in the group: every layer runs on its own.
+    mixed = shared_input_linears(x, [layers[0], nn.Linear(192, 8)])
+    assert _rel(mixed[0], expected[0]) <= 1e-6 and mixed[1].shape == (2, 40, 8)
