@@ -60,9 +60,12 @@ def timed(fn, repeats: int) -> list[float]:
 def kernel_summary(fn) -> dict[str, object]:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         torch.cuda.synchronize()
+    # The ATen ops (with input shapes) behind the GPU time: names the copy or cast a kernel row cannot.
+    ops = [op for op in prof.key_averages(group_by_input_shape=True) if op.self_device_time_total > 0]
+    ops.sort(key=lambda op: -op.self_device_time_total)
     kernels: dict[str, list[float]] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -73,7 +76,9 @@ def kernel_summary(fn) -> dict[str, object]:
         families[family(name)] = families.get(family(name), 0.0) + total
     return {"gpu_ms": sum(r[1] for r in rows),
             "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": name[:140], "ms": round(total, 3), "calls": calls} for name, total, calls in rows[:40]]}
+            "top": [{"kernel": name[:140], "ms": round(total, 3), "calls": calls} for name, total, calls in rows[:40]],
+            "ops": [{"op": op.key, "shapes": str(op.input_shapes)[:160], "ms": round(op.self_device_time_total / 1e3, 3),
+                     "calls": op.count} for op in ops[:30]]}
 
 
 def profile_dit(pipe: Pipeline, width: int, height: int, frames: int, repeats: int) -> dict[str, object]:
@@ -149,6 +154,9 @@ def main() -> None:
                 print(f"   {fam:18} {ms:9.2f} ms")
             for row in r["top"][:25]:
                 print(f"   {row['ms']:9.2f} ms {row['calls']:5d}x  {row['kernel']}")
+            print("   -- ATen ops by GPU time")
+            for row in r["ops"][:20]:
+                print(f"   {row['ms']:9.2f} ms {row['calls']:5d}x  {row['op']} {row['shapes']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

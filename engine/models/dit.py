@@ -279,13 +279,19 @@ class WanAttentionBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).chunk(6, dim=1)
 
         h = self.norm1.modulate(x, shift1, scale1, self.compute_dtype)
-        # x + y·gate as one kernel each (addcmul promotes to fp32 like the official `x + y * gate`); the first
-        # update makes the block's own fp32 copy of x, the later ones may then update it in place.
-        x = torch.addcmul(x, self.self_attn(h, rope, attention_backend, topk), gate1)
-
-        x = _residual_add_(x, self.cross_attn(self.norm3(x, self.compute_dtype), context))
-
-        h = self.norm2.modulate(x, shift2, scale2, self.compute_dtype)
+        y = self.self_attn(h, rope, attention_backend, topk)
+        if self.norm3.fused and not x.requires_grad:
+            # GPU inference: each residual update rides in the next norm's kernel (engine.ops.norms); the first
+            # writes the block's own fp32 x, the second updates it in place.
+            x_new = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            h = self.norm3(x, self.compute_dtype, residual=y, gate=gate1, residual_out=x_new)
+            x = x_new
+            y = self.cross_attn(h, context)
+            h = self.norm2.modulate(x, shift2, scale2, self.compute_dtype, residual=y)
+        else:
+            x = torch.addcmul(x, y, gate1)  # one kernel, fp32 by promotion as the official `x + y * gate`
+            x = _residual_add_(x, self.cross_attn(self.norm3(x, self.compute_dtype), context))
+            h = self.norm2.modulate(x, shift2, scale2, self.compute_dtype)
         return _residual_add_(x, self.ffn(h), gate2)
 
 
@@ -379,16 +385,17 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
         self.fused = False
 
-    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None, **residual: torch.Tensor) -> torch.Tensor:
+        """`residual` (fused only): the residual=, gate=, residual_out= update of `engine.ops.norms.layer_norm`."""
         if self.fused:
-            return norms.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+            return norms.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype, **residual)
         return super().forward(x.float()).to(out_dtype or x.dtype)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype, **residual: torch.Tensor) -> torch.Tensor:
         """norm(x)·(1 + scale) + shift in fp32 (official block: `norm1(x).float() * (1 + scale) + shift`)."""
         if self.fused:
-            return norms.layer_norm_modulate(x, shift, scale, self.eps, out_dtype=out_dtype)
+            return norms.layer_norm_modulate(x, shift, scale, self.eps, out_dtype=out_dtype, **residual)
         return (self(x).float() * (1 + scale) + shift).to(out_dtype)
 
 

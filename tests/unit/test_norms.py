@@ -94,3 +94,43 @@ def test_norms_reject_bad_inputs() -> None:
         layer_norm_modulate(x, torch.randn(3, 1, 32), torch.randn(4, 1, 32))
     with pytest.raises(ValueError, match="backend"):
         layer_norm(x, backend="cuda")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_residual_update_fused_into_the_norm(in_place: bool, gated: bool, modulated: bool) -> None:
+    """x + residual·gate is stored (in x or residual_out) and normalised, as the Wan block's separate steps."""
+    b, length, d = 2, 19, 300
+    x = _input((b, length, d), torch.float32)
+    residual = _input((b, length, d), torch.bfloat16)  # the attention / FFN output, matmul dtype
+    gate = torch.randn(b, 1, d) if gated else None
+    shift, scale = torch.randn(b, 1, d), torch.randn(b, 1, d) * 0.5
+    weight, bias = torch.randn(d), torch.randn(d)
+    expected_x = x + (residual.float() * gate if gated else residual.float())
+    expected = (F.layer_norm(expected_x, (d,), eps=1e-6) * (1 + scale) + shift if modulated
+                else F.layer_norm(expected_x, (d,), weight, bias, eps=1e-6)).to(torch.bfloat16)
+    x_before = x.clone()
+    for backend in ("torch", "triton"):
+        x_run = x_before.clone()
+        kwargs = dict(residual=residual, gate=gate, residual_out=None if in_place else _poisoned(x, torch.float32),
+                      out_dtype=torch.bfloat16, backend=backend)
+        if modulated:
+            result = layer_norm_modulate(x_run, shift, scale, 1e-6, **kwargs)
+        else:
+            result = layer_norm(x_run, weight, bias, 1e-6, **kwargs)
+        summed = x_run if in_place else kwargs["residual_out"]
+        torch.testing.assert_close(summed, expected_x, rtol=1e-6, atol=1e-5)  # FMA vs mul-then-add: an ulp
+        if not in_place:
+            assert torch.equal(x_run, x_before)  # x itself untouched
+        _check(result, expected)
+
+
+def test_residual_update_rejects_bad_targets() -> None:
+    x = _input((2, 5, 64), torch.float32)
+    with pytest.raises(ValueError, match="need a residual"):
+        layer_norm(x, gate=torch.ones(2, 1, 64))
+    with pytest.raises(ValueError, match="fp32 contiguous"):
+        layer_norm(x.bfloat16(), residual=torch.ones(2, 5, 64))
+    with pytest.raises(ValueError, match="x's shape"):
+        layer_norm(x, residual=torch.ones(2, 4, 64))
