@@ -44,9 +44,12 @@ def _rms_norm_rope_kernel(
     mask = row_ok[:, None] & pair_ok[None, :]
     batch = rows // L
     token = rows % L
+    cols = tl.arange(0, 2 * BLOCK_P)
+    col_mask = row_ok[:, None] & (cols < D)[None, :]
     x_row = x_ptr + batch * stride_xb + token * stride_xl
-    even = tl.load(x_row[:, None] + 2 * pairs[None, :], mask=mask, other=0.0).to(tl.float32)
-    odd = tl.load(x_row[:, None] + 2 * pairs[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+    # One contiguous load per row, split into the (even, odd) halves of each pair in registers.
+    x = tl.load(x_row[:, None] + cols[None, :], mask=col_mask, other=0.0).to(tl.float32)
+    even, odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_P, 2)))
     rstd = tl.math.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / D + eps)
     even = even * rstd[:, None] * tl.load(weight_ptr + 2 * pairs, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
     odd = odd * rstd[:, None] * tl.load(weight_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
@@ -55,9 +58,7 @@ def _rms_norm_rope_kernel(
     cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
     sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
     out = tl.interleave(even * cos - odd * sin, even * sin + odd * cos)  # [BLOCK_R, 2·BLOCK_P], pairs adjacent
-    cols = tl.arange(0, 2 * BLOCK_P)
-    out_mask = row_ok[:, None] & (cols < D)[None, :]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
