@@ -31,7 +31,7 @@ import torch.nn as nn
 from engine.configs import DiTConfig
 from engine.ops import norms
 from engine.ops.attention import BACKENDS, DEFAULT_TOPK, attention
-from engine.ops.int8_linear import shared_input_linears
+from engine.ops.int8_linear import Int8FeedForward, shared_input_linears
 from engine.ops.rope import rms_norm_rope
 
 # RoPE tables of this many token grids (F', H', W', device) stay cached per model: the presets of one
@@ -288,6 +288,8 @@ class WanAttentionBlock(nn.Module):
             x = x_new
             y = self.cross_attn(h, context)
             h = self.norm2.modulate(x, shift2, scale2, self.compute_dtype, residual=y)
+            if isinstance(self.ffn, Int8FeedForward):  # W8A8: the update rides in the second GEMM's epilogue
+                return self.ffn.add_to_residual(h, x, gate2)
         else:
             x = torch.addcmul(x, y, gate1)  # one kernel, fp32 by promotion as the official `x + y * gate`
             x = _residual_add_(x, self.cross_attn(self.norm3(x, self.compute_dtype), context))

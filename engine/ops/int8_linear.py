@@ -214,16 +214,16 @@ def _scaled_partial(a, b, scale, IS_INT8: tl.constexpr):
 @triton.jit
 def _block_scaled_mm_kernel(
     # pointers
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, c_scale_ptr,
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, c_scale_ptr, gate_ptr,
     # sizes
-    M, N, K,
+    M, N, K, rows_per_gate, stride_gate,
     # strides (elements to step one row / one column; scale strides count 128-blocks)
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn, stride_csm, stride_csn,
     # meta-parameters
     HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr, EVEN_K: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-    GELU_QUANT: tl.constexpr,
+    GELU_QUANT: tl.constexpr, RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_N: tl.constexpr,
 ):
@@ -231,6 +231,7 @@ def _block_scaled_mm_kernel(
 
     GELU_QUANT: c = int8 blocks of GELU_tanh(c) with their scales in c_scale (BLOCK_M == SUB_N == 128: each
     sub-tile is exactly one quantization block), the next Linear's input, never stored in bf16.
+    RESIDUAL: c is an fp32 residual stream updated in place, c += gate[m // rows_per_gate, n] · bf16(result).
 
     BLOCK_K == SCALE_BLOCK, so each K tile has one scale per 128 rows / columns. BLOCK_M and BLOCK_N / SPLIT_N
     divide SCALE_BLOCK, so a row tile and each of the SPLIT_N (1 or 2) column sub-tiles has one scale per K
@@ -287,19 +288,28 @@ def _block_scaled_mm_kernel(
             _store_tile_gelu_quant(acc1, bias_ptr, c_ptr, c_scale_ptr + (pid_n * SPLIT_N + 1) * stride_csn, offs_m,
                                    offs_n1, pid_n * BLOCK_N + SUB_N, M, N, stride_cm, stride_cn, HAS_BIAS)
     else:
-        _store_tile(acc0, bias_ptr, c_ptr, offs_m, offs_n0, M, N, stride_cm, stride_cn, HAS_BIAS)
+        _store_tile(acc0, bias_ptr, c_ptr, gate_ptr, offs_m, offs_n0, M, N, stride_cm, stride_cn, rows_per_gate,
+                    stride_gate, HAS_BIAS, RESIDUAL)
         if SPLIT_N == 2:
-            _store_tile(acc1, bias_ptr, c_ptr, offs_m, offs_n1, M, N, stride_cm, stride_cn, HAS_BIAS)
+            _store_tile(acc1, bias_ptr, c_ptr, gate_ptr, offs_m, offs_n1, M, N, stride_cm, stride_cn, rows_per_gate,
+                        stride_gate, HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
-def _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS: tl.constexpr):
-    """Epilogue: + bias in fp32, cast to c's dtype, masked store."""
+def _store_tile(acc, bias_ptr, c_ptr, gate_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, rows_per_gate,
+                stride_gate, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Epilogue: + bias in fp32, then a cast to c's dtype and a masked store, or (RESIDUAL) c += gate · bf16(acc)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
-    c = acc.to(c_ptr.dtype.element_ty)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if RESIDUAL:
+        # The unfused chain stores the Linear's output in bf16 before `x + y * gate`: round where it does.
+        gate = tl.load(gate_ptr + ((offs_m % M) // rows_per_gate)[:, None] * stride_gate + (offs_n % N)[None, :])
+        update = _round_to_bf16(acc) * gate
+        tl.store(c_ptrs, tl.load(c_ptrs, mask=mask, other=0.0) + update, mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -463,20 +473,22 @@ def _check_gemm_operands(
 
 def _launch_block_scaled_mm(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None,
-    c: torch.Tensor, c_scale: torch.Tensor | None, config: dict[str, int] | None,
+    c: torch.Tensor, c_scale: torch.Tensor | None, config: dict[str, int] | None, gate: torch.Tensor | None = None,
 ) -> None:
     """Launch the GEMM into c (and c_scale when fusing GELU + quantization): autotuned on CUDA unless pinned."""
     (M, K), N = a.shape, b.shape[0]
     gelu_quant = c_scale is not None
     scale_out = c_scale if c_scale is not None else a_scale  # unused without GELU_QUANT
+    rows_per_gate = M // gate.shape[0] if gate is not None else 1
     args = (
-        a, a_scale, b, b_scale, bias if bias is not None else c, c, scale_out, M, N, K,
+        a, a_scale, b, b_scale, bias if bias is not None else c, c, scale_out, gate if gate is not None else c,
+        M, N, K, rows_per_gate, gate.stride(0) if gate is not None else 0,
         a.stride(0), a.stride(1), a_scale.stride(0), a_scale.stride(1),
         b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
         c.stride(0), c.stride(1), scale_out.stride(0), scale_out.stride(1),
     )
     flags = {"HAS_BIAS": bias is not None, "IS_INT8": a.dtype == torch.int8, "EVEN_K": K % QUANT_BLOCK == 0,
-             "SCALE_BLOCK": QUANT_BLOCK, "GELU_QUANT": gelu_quant}
+             "SCALE_BLOCK": QUANT_BLOCK, "GELU_QUANT": gelu_quant, "RESIDUAL": gate is not None}
     if config is None and a.is_cuda:
         def grid(meta: dict[str, int]) -> tuple[int]:
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -540,6 +552,52 @@ def block_scaled_mm(
         raise ValueError(f"out must be a row-major {out_dtype} [{M}, {N}]; got {out.dtype} {tuple(out.shape)}")
     _launch_block_scaled_mm(a, a_scale, b, b_scale, bias, out, None, config)
     return out
+
+
+def block_scaled_mm_residual_reference(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor, gate: torch.Tensor,
+) -> torch.Tensor:
+    """The unfused chain: bf16 GEMM output, then `residual += output · gate` per row group, in fp32."""
+    y = block_scaled_mm_reference(a, a_scale, b, b_scale, bias, torch.bfloat16).float()
+    return residual.add_(y * gate.repeat_interleave(residual.shape[0] // gate.shape[0], dim=0))
+
+
+def block_scaled_mm_residual(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    backend: Backend = "triton",
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """residual += gate · bf16((a ⊙ a_scale) @ (b ⊙ b_scale)^T + bias), in place, in the GEMM's epilogue.
+
+    A Wan block's last step (`x + ffn(h) · gate`) without the bf16 output ever leaving the kernel.
+
+    Args:
+        a, a_scale, b, b_scale, bias: as `block_scaled_mm`.
+        residual: fp32 [M, N], row-major; updated in place.
+        gate: fp32 [G, N]; row m uses gate row m // (M / G) (one gate per sample of a batch of G).
+
+    Returns:
+        residual.
+    """
+    M, N, _ = _check_gemm_operands(a, a_scale, b, b_scale, bias)
+    if residual.shape != (M, N) or residual.dtype != torch.float32 or residual.stride(1) != 1:
+        raise ValueError(f"residual must be a row-major fp32 [{M}, {N}]; got {residual.dtype} {tuple(residual.shape)}")
+    if gate.dim() != 2 or gate.shape[1] != N or M % gate.shape[0] or gate.dtype != torch.float32 or gate.stride(1) != 1:
+        raise ValueError(f"gate must be fp32 [G, {N}] with G dividing {M}; got {gate.dtype} {tuple(gate.shape)}")
+    if backend == "torch":
+        return block_scaled_mm_residual_reference(a, a_scale, b, b_scale, bias, residual, gate)
+    if backend != "triton":
+        raise ValueError(f"backend {backend!r} is not 'triton' or 'torch'")
+    _launch_block_scaled_mm(a, a_scale, b, b_scale, bias, residual, None, config, gate)
+    return residual
 
 
 def block_scaled_mm_gelu_quant_reference(
@@ -744,6 +802,24 @@ class Int8FeedForward(nn.Sequential):
         hq, hs = block_scaled_mm_gelu_quant(xq, xs, fc1.int8_weight, fc1.scale, fc1.bias)
         y = block_scaled_mm(hq, hs, fc2.int8_weight, fc2.scale, fc2.bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], fc2.out_features)
+
+    def add_to_residual(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """residual += self(x) · gate in place: x [B, L, D] bf16, residual [B, L, D] fp32, gate [B, 1, D] fp32.
+
+        On the fused Triton path the update happens in the second GEMM's epilogue (`block_scaled_mm_residual`);
+        otherwise it is the plain `addcmul_`. Returns residual.
+        """
+        fc1, fc2 = cast(Int8Linear, self[0]), cast(Int8Linear, self[2])
+        backend = fc1.backend or ("triton" if x.is_cuda else "torch")
+        fusable = (backend == "triton" and x.dtype == torch.bfloat16 and fc1.gemm == "int8" and fc2.gemm == "int8"
+                   and residual.is_contiguous() and gate.shape == (x.shape[0], 1, fc2.out_features))
+        if not fusable:
+            return residual.addcmul_(self(x), gate)
+        xq, xs = quantize_blockwise(x.reshape(-1, x.shape[-1]), "int8")
+        hq, hs = block_scaled_mm_gelu_quant(xq, xs, fc1.int8_weight, fc1.scale, fc1.bias)
+        block_scaled_mm_residual(hq, hs, fc2.int8_weight, fc2.scale, fc2.bias, residual.view(-1, fc2.out_features),
+                                 gate.reshape(gate.shape[0], -1).float())
+        return residual
 
 
 def shared_input_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:

@@ -144,3 +144,17 @@ def test_int8_feed_forward_gpu_matches_sequential() -> None:
     reference = (torch.nn.functional.gelu(x.float() @ fc1.weight.float().T + fc1.bias.float(), approximate="tanh")
                  @ fc2.weight.float().T + fc2.bias.float())
     assert _rel(fused, reference) <= 0.05  # W8A8 quantization error, as above
+
+
+def test_block_scaled_mm_residual_gpu_matches_unfused_chain() -> None:
+    m, k, n = 75600, 13824, 5120
+    a, a_scale = w8a8.quantize_blockwise(_activations(m, k))
+    b, b_scale = w8a8.quantize_blockwise((torch.randn(n, k, device="cuda") * 0.02).bfloat16())
+    bias = torch.randn(n, device="cuda").bfloat16()
+    gate = torch.randn(1, n, device="cuda")
+    residual = torch.randn(m, n, device="cuda") * 4
+    update = w8a8.block_scaled_mm(a, a_scale, b, b_scale, bias).float() * gate
+    expected = residual + update
+    w8a8.block_scaled_mm_residual(a, a_scale, b, b_scale, bias, residual, gate)
+    # one bf16 step of the update where the two kernels' fp32 sums round the other way
+    assert ((residual - expected).abs() <= update.abs() * 2.0**-7 + 1e-6 * expected.abs() + 1e-6).all()

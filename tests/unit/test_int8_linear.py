@@ -18,6 +18,7 @@ from engine.ops.int8_linear import (
     block_scaled_mm_gelu_quant,
     block_scaled_mm_gelu_quant_reference,
     block_scaled_mm_reference,
+    block_scaled_mm_residual,
     dequantize_blockwise,
     fp8_linear,
     int8_linear,
@@ -322,3 +323,41 @@ def test_shared_input_linears_quantize_once_and_match_each_layer() -> None:
     # A float layer in the group: every layer runs on its own.
     mixed = shared_input_linears(x, [layers[0], nn.Linear(192, 8)])
     assert _rel(mixed[0], expected[0]) <= 1e-6 and mixed[1].shape == (2, 40, 8)
+
+
+@pytest.mark.parametrize(("m", "k", "n", "groups"), [(200, 300, 260, 2), (128, 256, 128, 1)])
+def test_block_scaled_mm_residual_matches_unfused_chain(m: int, k: int, n: int, groups: int) -> None:
+    """residual += gate · bf16(GEMM) in the epilogue equals the Linear's bf16 output added the official way."""
+    aq, a_s = quantize_blockwise_reference(_with_outlier_channels(torch.randn(m, k)), "int8")
+    bq, b_s = quantize_blockwise_reference(torch.randn(n, k), "int8")
+    bias = torch.randn(n).bfloat16()
+    gate = torch.randn(groups, n)
+    residual = torch.randn(m, n) * 4
+    update = block_scaled_mm_reference(aq, a_s, bq, b_s, bias, torch.bfloat16).float() * \
+        gate.repeat_interleave(m // groups, dim=0)
+    expected = residual + update
+    for backend in ("torch", "triton"):
+        out = residual.clone()
+        assert block_scaled_mm_residual(aq, a_s, bq, b_s, bias, out, gate, backend=backend) is out
+        _assert_within_one_bf16_step(out, expected, update)
+    with pytest.raises(ValueError, match="gate must be"):
+        block_scaled_mm_residual(aq, a_s, bq, b_s, bias, residual.clone(), torch.randn(3, n))
+
+
+def test_int8_feed_forward_add_to_residual_matches_plain_update() -> None:
+    ffn = Int8FeedForward(Int8Linear.from_linear(nn.Linear(128, 256)), Int8Linear.from_linear(nn.Linear(256, 128)))
+    x = _with_outlier_channels(torch.randn(2, 70, 128)).bfloat16()
+    gate = torch.randn(2, 1, 128)
+    residual = torch.randn(2, 70, 128)
+    for layer in (ffn[0], ffn[2]):
+        layer.backend = "triton"
+    update = ffn(x).float() * gate
+    out = residual.clone()
+    ffn.add_to_residual(x, out, gate)
+    _assert_within_one_bf16_step(out, residual + update, update)
+
+
+def _assert_within_one_bf16_step(out: torch.Tensor, expected: torch.Tensor, update: torch.Tensor) -> None:
+    """The fused epilogue rounds the GEMM output to bf16 as the unfused chain stores it: equal up to one bf16 step
+    of the update where fp32 sums in another order (or the interpreter's truncating cast) round the other way."""
+    assert ((out - expected).abs() <= update.abs() * 2.0**-7 + 1e-6 * expected.abs() + 1e-6).all()
