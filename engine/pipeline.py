@@ -222,9 +222,11 @@ class Pipeline:
                        sigma_max=sigma_max, seed=seed, topk=topk, attention=attention)
 
     def generate(self, request: GenerationRequest, *, on_progress: ProgressFn | None = None,
-                 should_cancel: CancelFn | None = None) -> GenerationResult:
+                 should_cancel: CancelFn | None = None,
+                 on_frames: Callable[[np.ndarray], None] | None = None) -> GenerationResult:
         """Run one request through every stage; raises GenerationCanceled when `should_cancel()` says so
-        (polled before every denoising step, between stages and between VAE decode chunks)."""
+        (polled before every denoising step, between stages and between VAE decode chunks). `on_frames` gets
+        each decoded uint8 chunk [f, H, W, 3] as soon as it exists (e.g. an `Mp4Stream.put`)."""
         req = self.validate(request)
         assert req.width and req.height and req.num_frames and req.steps and req.seed is not None
         progress = on_progress or (lambda stage, step, total: None)
@@ -264,6 +266,8 @@ class Pipeline:
                 chunks = []
                 for chunk in self.decode_frames(latent):  # cancel (and deadlines) also act between decode chunks
                     chunks.append(chunk)
+                    if on_frames is not None:
+                        on_frames(chunk)
                     check_cancel()
                 frames = np.concatenate(chunks, axis=0)
         return GenerationResult(frames=frames, fps=self.spec.fps, seed=req.seed, width=req.width,

@@ -9,14 +9,20 @@ yuv420p stores chroma at half resolution in both directions, so libx264 needs ev
 sizes are refused rather than silently rescaled (imageio-ffmpeg's `macro_block_size` would resize to a
 multiple of 16; it is set to 1 here). Every Wan size is a multiple of 16 anyway.
 
+`Mp4Stream` runs `write_mp4` on a background thread fed chunk by chunk: the service hands it each decoded chunk
+as the VAE yields it, so libx264 encodes while the GPU decodes and only the tail of the encode stays on the
+request's critical path.
+
 `read_mp4` and `probe_mp4` decode with the same binary, for tests and tools (there may be no ffprobe).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -120,6 +126,91 @@ def write_mp4(
         writer.close()
         tmp_path.unlink(missing_ok=True)
     return num_frames
+
+
+class Mp4StreamAborted(Exception):
+    """The producer gave up (failure or cancel): the encoder stops and no file appears."""
+
+
+class Mp4Stream:
+    """`write_mp4` on a background thread, fed chunk by chunk with `put`, finished with `close` or `abort`.
+
+    `put` never raises for an encoder failure (a full disk, say): the failure is kept and raised by `close`, so
+    the producer's own errors and the storage's stay apart. Usable as a context manager: leaving it on an
+    exception aborts (no file, the temp file removed), leaving it normally does not close it.
+    """
+
+    _DONE = object()
+    _ABORT = object()
+
+    def __init__(self, path: str | os.PathLike[str], fps: float = DEFAULT_FPS, **options: object) -> None:
+        # A few chunks of slack: enough to cover ffmpeg's pauses, bounded so a stalled encoder holds little memory.
+        self._chunks: queue.Queue[object] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._frames = 0
+        self._closed = False  # the producer sent its marker
+        self._ended = False  # the encoder took it
+        self._thread = threading.Thread(target=self._encode, args=(Path(path), fps, options), name="mp4-stream",
+                                        daemon=True)
+        self._thread.start()
+
+    def _encode(self, path: Path, fps: float, options: dict[str, object]) -> None:
+        try:
+            self._frames = write_mp4(self._iterate(), path, fps, **options)  # type: ignore[arg-type]
+        except Mp4StreamAborted:
+            pass
+        except BaseException as error:  # noqa: BLE001 - handed to the producer by close()
+            self._error = error
+            # Until the producer's close/abort marker arrives, keep taking chunks so a put never blocks.
+            while not self._ended:
+                item = self._chunks.get()
+                self._ended = item is self._DONE or item is self._ABORT
+
+    def _iterate(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._chunks.get()
+            if item is self._DONE or item is self._ABORT:
+                self._ended = True
+                if item is self._ABORT:
+                    raise Mp4StreamAborted
+                return
+            yield item  # type: ignore[misc]
+
+    def put(self, chunk: np.ndarray) -> None:
+        """Queue a uint8 [f, H, W, 3] chunk (blocks while 4 chunks wait); ignored once the encoder failed."""
+        if self._closed:
+            raise RuntimeError("the stream is closed")
+        if self._error is None:
+            self._chunks.put(chunk)
+
+    def close(self) -> int:
+        """Wait for the file to be complete and in place; returns the number of frames written.
+
+        Raises:
+            The encoder's error (ValueError for bad frames or no frames, RuntimeError / OSError for ffmpeg or
+            the disk).
+        """
+        self._finish(self._DONE)
+        if self._error is not None:
+            raise self._error
+        return self._frames
+
+    def abort(self) -> None:
+        """Stop encoding and leave no file behind."""
+        self._finish(self._ABORT)
+
+    def _finish(self, marker: object) -> None:
+        if not self._closed:
+            self._closed = True
+            self._chunks.put(marker)
+        self._thread.join()
+
+    def __enter__(self) -> Mp4Stream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def read_mp4(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:

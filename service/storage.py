@@ -23,6 +23,8 @@ from PIL import Image
 if TYPE_CHECKING:
     import numpy as np
 
+    from engine.video import Mp4Stream
+
 IMAGE_FORMATS: dict[str, str] = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 VIDEO_NAME = "video.mp4"
 
@@ -97,13 +99,25 @@ class Storage:
         return self.job_dir(job_id) / VIDEO_NAME
 
     def write_video(self, job_id: str, frames: np.ndarray, fps: int) -> VideoFile:
-        """Encode `frames` [F, H, W, 3] uint8 to `video.mp4`. `write_mp4` encodes to a temporary name and
-        renames it into place, so a reader sees either no video or the whole one."""
-        from engine.video import write_mp4
+        """Encode `frames` [F, H, W, 3] uint8 to `video.mp4` (a one-chunk `video_stream`)."""
+        stream = self.video_stream(job_id, fps)
+        stream.put(frames)
+        return self.finish_video(job_id, stream)
+
+    def video_stream(self, job_id: str, fps: int) -> Mp4Stream:
+        """An encoder into `video.mp4` fed chunk by chunk while the frames are still being decoded; end it with
+        `finish_video` (or `abort()` it). `write_mp4` encodes to a temporary name and renames it into place, so a
+        reader sees either no video or the whole one."""
+        from engine.video import Mp4Stream
 
         path = self.video_path(job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_mp4(frames, path, fps=fps)
+        return Mp4Stream(path, fps=fps)
+
+    def finish_video(self, job_id: str, stream: Mp4Stream) -> VideoFile:
+        """Wait for the stream's file to be complete and in place; raises what the encoder hit (disk full, ...)."""
+        stream.close()
+        path = self.video_path(job_id)
         _fsync(path.parent)
         size, digest = _size_and_sha256(path)
         return VideoFile(path, size, digest)

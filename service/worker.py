@@ -202,16 +202,24 @@ class WorkerRuntime:
             resolved = {**params, "width": request.width, "height": request.height}
             if resolved != params:
                 jobs.set_params(record, resolved)
-            result = self.pipeline.generate(request, on_progress=on_progress, should_cancel=should_cancel)
-            on_progress("encode_mp4", 0, 1)
-            start = time.perf_counter()
+            # A full or unwritable disk surfaces as OSError or, when ffmpeg is the one that hits it, as
+            # write_mp4's RuntimeError: either way only storing the video failed.
+            storage_failure = "the video could not be written: {}: {}"
             try:
-                video = jobs.storage.write_video(record.id, result.frames, record.fps)
-            except Exception as e:
-                # A full or unwritable disk surfaces as OSError or, when ffmpeg is the one that hits it, as
-                # write_mp4's RuntimeError: either way the frames exist and only storing them failed.
-                failure = ("storage_error", f"the video could not be written: {type(e).__name__}: {e}")
+                stream = jobs.storage.video_stream(record.id, record.fps)
+            except OSError as e:
+                failure = ("storage_error", storage_failure.format(type(e).__name__, e))
                 raise
+            with stream:  # encodes each chunk as the VAE decodes it; any exception below aborts it (no file)
+                result = self.pipeline.generate(request, on_progress=on_progress, should_cancel=should_cancel,
+                                                on_frames=stream.put)
+                on_progress("encode_mp4", 0, 1)
+                start = time.perf_counter()  # what is left of the encode once the last frame is decoded
+                try:
+                    video = jobs.storage.finish_video(record.id, stream)
+                except Exception as e:
+                    failure = ("storage_error", storage_failure.format(type(e).__name__, e))
+                    raise
             timings = {**result.timings, "encode_mp4": time.perf_counter() - start}
             if not self._persist(lambda: jobs.complete(record, video, timings, resolved)):
                 video.path.unlink(missing_ok=True)  # canceled or deleted meanwhile

@@ -433,6 +433,7 @@ _block_scaled_mm_autotuned = triton.autotune(
     configs=_block_scaled_mm_configs(),
     key=["M", "N", "K", "IS_INT8"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    restore_value=["c_ptr"],  # RESIDUAL adds into c: every timed config run must start from the same c
 )(_block_scaled_mm_kernel)
 
 

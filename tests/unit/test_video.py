@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.video import frames_from_video, probe_mp4, read_mp4, write_mp4
+from engine.video import Mp4Stream, frames_from_video, probe_mp4, read_mp4, write_mp4
 
 F, H, W = 17, 48, 64
 
@@ -139,3 +139,35 @@ def test_probe_mp4_errors_name_the_file(tmp_path: Path) -> None:
     junk.write_bytes(b"not a video")
     with pytest.raises(ValueError, match="junk.mp4"):
         probe_mp4(junk)
+
+
+def test_mp4_stream_encodes_in_the_background_the_same_video(tmp_path: Path) -> None:
+    frames = _moving_gradient()
+    write_mp4(frames, tmp_path / "whole.mp4")
+    stream = Mp4Stream(tmp_path / "streamed.mp4", fps=16)
+    for chunk in (frames[:1], frames[1:5], frames[5:13], frames[13:]):
+        stream.put(chunk)
+    assert stream.close() == F
+    np.testing.assert_array_equal(read_mp4(tmp_path / "streamed.mp4")[0], read_mp4(tmp_path / "whole.mp4")[0])
+
+
+def test_mp4_stream_abort_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(KeyError):
+        with Mp4Stream(tmp_path / "clip.mp4") as stream:
+            stream.put(_moving_gradient(5))
+            raise KeyError("the producer failed")  # e.g. a canceled generation
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mp4_stream_encoder_failure_is_raised_by_close_and_never_blocks_put(tmp_path: Path) -> None:
+    stream = Mp4Stream(tmp_path / "clip.mp4", preset="no-such-preset")
+    for _ in range(20):  # more chunks than the queue holds: the failed encoder keeps draining
+        stream.put(_moving_gradient(3))
+    with pytest.raises((RuntimeError, OSError)):
+        stream.close()
+    assert list(tmp_path.iterdir()) == []
+    empty = Mp4Stream(tmp_path / "empty.mp4")
+    with pytest.raises(ValueError, match="no frames"):
+        empty.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        empty.put(_moving_gradient(1))
