@@ -247,7 +247,10 @@ class Pipeline:
                 context = self._encode_text([req.prompt])
                 negative = (self._encode_text([req.negative_prompt or WAN_NEGATIVE_PROMPT])
                             if req.sampler == "unipc" else None)
-                y = self._image_condition(req) if self.spec.mode == "i2v" else None
+            y = None
+            if self.spec.mode == "i2v":  # a VAE encode of the whole clip (first frame + zeros): timed apart
+                with self._timed(timings, "image_encode"):
+                    y = self._image_condition(req)
 
             check_cancel()
             progress("denoise", 0, req.steps)

@@ -55,7 +55,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.configs import from_name
-from service.schemas import ErrorCode, Stage, WorkerState
+from service.schemas import ErrorCode, WorkerState
 
 if TYPE_CHECKING:
     from service.queue import Jobs
@@ -78,7 +78,9 @@ GPU_MEMORY_BUCKETS_BYTES = tuple(
     int(gib * GIB) for gib in (0, 0.25, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 192)
 )
 
-STAGES: tuple[Stage, ...] = ("text_encode", "denoise", "vae_decode", "encode_mp4")
+# Timed stages of a run: the progress stages plus image_encode (I2V's VAE encode of the conditioning clip, reported
+# to clients inside the text_encode progress stage).
+STAGES: tuple[str, ...] = ("text_encode", "image_encode", "denoise", "vae_decode", "encode_mp4")
 WORKER_STATES: tuple[WorkerState, ...] = get_args(WorkerState)
 WebhookDeliveryStatus = Literal["delivered", "retrying", "failed"]
 WEBHOOK_DELIVERY_STATUSES: tuple[WebhookDeliveryStatus, ...] = get_args(WebhookDeliveryStatus)
@@ -152,8 +154,9 @@ QUEUE_WAIT = Histogram(
     buckets=DURATION_BUCKETS_S,
     registry=REGISTRY,
 )
-# text_encode, denoise, vae_decode: the engine's stage timer (`time.perf_counter`, CUDA-synchronized at both
-# ends, engine/pipeline.py `_timed`). encode_mp4: the worker's `time.perf_counter` around writing the MP4.
+# text_encode, image_encode, denoise, vae_decode: the engine's stage timer (`time.perf_counter`, CUDA-synchronized
+# at both ends, engine/pipeline.py `_timed`). encode_mp4: the worker's `time.perf_counter` from the last decoded
+# frame to the MP4 in place (the encoder runs during the decode; this is the part left on the critical path).
 # Observed for completed jobs (a failed run has no complete set of stages).
 STAGE_DURATION = Histogram(
     "tdserve_stage_duration_seconds",

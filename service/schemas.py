@@ -251,7 +251,8 @@ class JobPublic(BaseModel):
     steps: int
     seed: int
     timings: dict[str, float] = Field(
-        description="Seconds per stage: queue, text_encode, denoise, vae_decode, encode_mp4, total."
+        description="Seconds per stage: queue, text_encode, image_encode (I2V), denoise, vae_decode, encode_mp4 "
+        "(what is left of the encode after the last frame is decoded; it runs during the decode), total."
     )
     error: JobError | None
     attempts: int = Field(description="Times a worker started the job (2 after one retry).")

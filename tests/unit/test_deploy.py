@@ -62,7 +62,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
 LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
     ("tdserve_jobs_finished_total", "status"): frozenset({"completed", "failed", "canceled", "expired"}),
     ("tdserve_stage_duration_seconds", "stage"): frozenset(
-        {"text_encode", "denoise", "vae_decode", "encode_mp4"}),
+        {"text_encode", "image_encode", "denoise", "vae_decode", "encode_mp4"}),
     ("tdserve_worker_state", "state"): frozenset({"STARTING", "READY", "BUSY", "UNHEALTHY"}),
 }
 TARGET_LABELS = frozenset({"instance", "job"})  # added by Prometheus to every scraped series
