@@ -7,12 +7,16 @@ W8A8 where available, fused norms, rCM 3 and 4 steps), random weights at the rea
 Weight values do not change speed, so random weights stand in for the checkpoints. The original's 50 steps are
 timed over `--original-steps` steps (each = 2 model calls for CFG) and extrapolated linearly: every UniPC step
 costs the same two DiT calls plus a few element-wise ops. Stages: text_encode (uncached, then cached),
-denoise, vae_decode, encode_mp4 (when imageio-ffmpeg is importable). Peak GPU memory per variant.
+image_encode (I2V), denoise, vae_decode, encode_mp4 (when imageio-ffmpeg is importable: the original encodes after
+the decode as the official scripts do; turbo streams each decoded chunk into an `Mp4Stream`, so its encode_mp4 is
+the tail left after the last frame). `request_to_mp4_s` is the wall time from the request to the MP4 in place.
+Peak and resident GPU memory per variant; for the A14B, the expert switch cost (both experts resident).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -41,32 +45,56 @@ def _image(width: int, height: int) -> object:
     return Image.fromarray(rgb.numpy())
 
 
-def _encode_mp4_seconds(frames: object, fps: int) -> float | None:
-    try:
-        from engine.video import write_mp4
+def _have_ffmpeg() -> bool:
+    try:  # the H100 image has no imageio-ffmpeg unless it is carried (docs/PERFORMANCE.md)
+        import imageio_ffmpeg
 
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            write_mp4(frames, Path(tmp) / "out.mp4", fps=fps)
-            return time.perf_counter() - start
-    except ImportError:  # the H100 image has no imageio-ffmpeg unless its wheel is carried
-        return None
+        imageio_ffmpeg.get_ffmpeg_exe()
+        return True
+    except (ImportError, RuntimeError):
+        return False
 
 
-def _run(pipe: Pipeline, request: GenerationRequest) -> dict[str, object]:
+def _run(pipe: Pipeline, request: GenerationRequest, *, stream_mp4: bool) -> dict[str, object]:
+    """One request, timed per stage. stream_mp4: encode during the decode (turbo) instead of after it."""
+    from engine.video import Mp4Stream, write_mp4
+
     cuda = pipe.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = pipe.generate(request)
-    total = time.perf_counter() - start
-    record: dict[str, object] = {"timings": result.timings, "generate_s": total,
+    mp4 = _have_ffmpeg()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.mp4"
+        start = time.perf_counter()
+        stream = Mp4Stream(path, fps=pipe.spec.fps) if mp4 and stream_mp4 else None
+        with stream or contextlib.nullcontext():
+            result = pipe.generate(request, on_frames=stream.put if stream else None)
+            generated = time.perf_counter()
+            if stream:
+                stream.close()
+            elif mp4:
+                write_mp4(result.frames, path, fps=result.fps)
+        done = time.perf_counter()
+    record: dict[str, object] = {"timings": result.timings, "generate_s": generated - start,
                                  "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                                  "resident_memory_gib": torch.cuda.memory_allocated() / 2**30 if cuda else None}
-    mp4 = _encode_mp4_seconds(result.frames, result.fps)
-    if mp4 is not None:
-        record["timings"]["encode_mp4"] = mp4  # type: ignore[index]
+    if mp4:
+        record["timings"]["encode_mp4"] = done - generated  # type: ignore[index]
+        record["request_to_mp4_s"] = done - start
     return record
+
+
+def _switch_cost_s(pipe: Pipeline, repeats: int = 20) -> float:
+    """Median time of the pipeline's expert switch (high → low noise) as the sampler does it, synchronized."""
+    times = []
+    for _ in range(repeats):
+        pipe._expert(0)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe._expert(1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -83,8 +111,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     for model in pipe.experts:
         model.use_fused_norms(False)
     del model  # a loop variable left bound would keep a whole DiT alive past `del pipe`
-    _run(pipe, GenerationRequest(**base, steps=1, sampler="unipc"))  # warm-up (cuDNN autotune, allocator)
-    original = _run(pipe, GenerationRequest(**base, steps=args.original_steps, sampler="unipc"))
+    _run(pipe, GenerationRequest(**base, steps=1, sampler="unipc"), stream_mp4=False)  # warm-up (cuDNN, allocator)
+    original = _run(pipe, GenerationRequest(**base, steps=args.original_steps, sampler="unipc"), stream_mp4=False)
     per_step = original["timings"]["denoise"] / args.original_steps  # type: ignore[index]
     original["denoise_per_step_s"] = per_step
     original["denoise_extrapolated_s"] = per_step * spec.baseline_steps
@@ -100,15 +128,18 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     quant = "w8a8" if args.quant else None
     pipe = Pipeline.load(name, random_weights=True, device=args.device,
                          attention="sagesla" if args.device == "cuda" else "sdpa", topk=args.topk, quant=quant)
-    _run(pipe, GenerationRequest(**base, steps=1))  # warm-up: Triton autotune, cuDNN
+    _run(pipe, GenerationRequest(**base, steps=1), stream_mp4=True)  # warm-up: Triton autotune, cuDNN
     turbo: dict[str, object] = {"quant": quant, "topk": args.topk}
     pipe.text_encoder.clear_cache()
     for steps in args.steps:
-        turbo[f"steps_{steps}"] = _run(pipe, GenerationRequest(**base, steps=steps))
+        turbo[f"steps_{steps}"] = _run(pipe, GenerationRequest(**base, steps=steps), stream_mp4=True)
         pipe.text_encoder.clear_cache()
-    cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]))
-    cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]))  # second call: prompt embedding cached
+    _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True)
+    cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True)  # prompt embedding cached
     turbo["text_encode_cached_s"] = cached["timings"]["text_encode"]  # type: ignore[index]
+    turbo["cached_prompt"] = cached
+    if len(pipe.experts) > 1 and pipe.device.type == "cuda":
+        turbo["expert_switch_s"] = _switch_cost_s(pipe)
     out["turbo"] = turbo
 
     orig_total = (original["denoise_extrapolated_s"] + sum(v for k, v in original["timings"].items()  # type: ignore[union-attr]
@@ -147,11 +178,12 @@ def main() -> None:
             args.out.write_text(json.dumps(results, indent=1))
     steps = args.steps[0]
     print(f"{'model':18} {'original denoise':>17} {f'turbo{steps} denoise':>15} {f'turbo{steps} total':>13} "
-          f"{'speedup':>8}")
+          f"{'MP4 ready':>10} {'speedup':>8}")
     for r in results["models"]:  # type: ignore[union-attr]
-        timings = r["turbo"][f"steps_{steps}"]["timings"]
-        print(f"{r['model']:18} {r['original']['denoise_extrapolated_s']:17.2f} {timings['denoise']:15.3f} "
-              f"{sum(timings.values()):13.3f} {r[f'speedup_total_steps_{steps}']:8.1f}")
+        run = r["turbo"][f"steps_{steps}"]
+        ready = run.get("request_to_mp4_s", float("nan"))
+        print(f"{r['model']:18} {r['original']['denoise_extrapolated_s']:17.2f} {run['timings']['denoise']:15.3f} "
+              f"{sum(run['timings'].values()):13.3f} {ready:10.3f} {r[f'speedup_total_steps_{steps}']:8.1f}")
 
 
 if __name__ == "__main__":
