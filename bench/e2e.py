@@ -97,6 +97,23 @@ def _switch_cost_s(pipe: Pipeline, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _holders_of_largest_cuda_tensor() -> list[str]:
+    """Who keeps GPU memory alive after a pipeline was deleted: the referrer chain of the largest CUDA tensor."""
+    tensors = [o for o in gc.get_objects() if torch.is_tensor(o) and o.is_cuda]
+    if not tensors:
+        return []
+    obj: object = max(tensors, key=lambda t: t.untyped_storage().nbytes())
+    chain = []
+    for _ in range(6):
+        referrers = [r for r in gc.get_referrers(obj) if r is not chain and not isinstance(r, type(sys._getframe()))]
+        if not referrers:
+            break
+        obj = referrers[0]
+        chain.append(f"{type(obj).__module__}.{type(obj).__qualname__}"
+                     + (f" keys={list(obj)[:5]}" if isinstance(obj, dict) else ""))
+    return chain
+
+
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     spec = from_name(name)
     width, height = spec.resolution(SIZE_OF.get(name, spec.default_size), "16:9")
@@ -125,6 +142,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
 
     if torch.cuda.is_available():
         out["memory_after_original_gib"] = torch.cuda.memory_allocated() / 2**30  # must be ~0: nothing leaks
+        if out["memory_after_original_gib"] > 1:
+            out["leak_holders"] = _holders_of_largest_cuda_tensor()
     quant = "w8a8" if args.quant else None
     pipe = Pipeline.load(name, random_weights=True, device=args.device,
                          attention="sagesla" if args.device == "cuda" else "sdpa", topk=args.topk, quant=quant)
