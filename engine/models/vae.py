@@ -18,17 +18,31 @@ pipelines): `encode` returns (mu − mean) / std, `decode` takes z and computes 
 
 dtype: the module runs in its parameter dtype (fp32 or bf16; inputs are cast to it). RMS norms compute in
 fp32. `encode` and `decode` return fp32, as the official wrapper (`.float()`) does.
+
+Two ways to run the same layers, chosen per call by `CausalCache(fused=...)`:
+- plain (CPU default, and always for `encode`): NCDHW, plain torch ops, each conv with its bias; the very
+  arithmetic of the official code.
+- fused (the CUDA default for `decode`): activations and decoder conv weights in channels_last_3d, so
+  cuDNN needs no layout transposes (and `cudnn.benchmark` is on while decoding); each norm (with the SiLU
+  after it) is one Triton pass (`engine.ops.vae_ops`) that also applies the bias the conv before it left
+  out and the residual add before it, and writes straight into the input buffer of the conv after it. Same
+  math up to bf16 rounding.
+Either way a causal conv keeps one input buffer [B, C, time_padding + F, H, W] per layer: the history at its
+head, this chunk at its tail, so it never concatenates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.configs import VAEConfig
+from engine.ops.vae_ops import Backend, add_bias_residual, vae_rms_norm
 
 # Per-channel latent statistics of the Wan2.1 VAE (official `WanVAE.__init__`; the same numbers are
 # diffusers' `AutoencoderKLWan` `latents_mean` / `latents_std` defaults).
@@ -43,24 +57,91 @@ LATENT_STD: tuple[float, ...] = (
 
 
 class CausalCache:
-    """The time history each causal layer carries from one chunk to the next (the official `feat_cache`).
+    """The time history each causal layer carries from one chunk to the next (the official `feat_cache`), and
+    how this call runs its layers (plain or fused, see the module docstring).
 
     Keyed by the layer itself, so a layer always finds its own history without a running slot counter. A
-    history is a buffer [B, C, frames, H, W] that its layer overwrites in place every chunk. One cache serves
-    one encode or one decode call.
+    causal conv stores its input buffer [B, C, time_padding + F, H, W], whose first time_padding frames are
+    the history, and updates it in place every chunk. One cache serves one encode or one decode call.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused
+        self.backend: Backend = "triton" if fused else "torch"
+        self.memory_format = torch.channels_last_3d if fused else torch.contiguous_format
         self._history: dict[nn.Module, torch.Tensor] = {}
 
     def get(self, layer: nn.Module) -> torch.Tensor | None:
-        """The layer's history, or None before its first chunk."""
+        """The layer's history (buffer), or None before its first chunk."""
         return self._history.get(layer)
 
     def set(self, layer: nn.Module, history: torch.Tensor) -> torch.Tensor:
-        """Store the layer's history buffer (first chunk only; later chunks update it in place)."""
+        """Store the layer's history buffer (when it starts or changes size; otherwise updated in place)."""
         self._history[layer] = history
         return history
+
+
+@dataclass
+class Activation:
+    """raw + bias (per channel) + residual: the fused path leaves the two adds to the next kernel that reads
+    the value (cuDNN would add a conv bias in a pass of its own). On the plain path bias is always None."""
+
+    raw: torch.Tensor
+    bias: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.raw.shape
+
+    @property
+    def pending(self) -> bool:
+        return self.bias is not None or self.residual is not None
+
+    def value(self, backend: Backend) -> torch.Tensor:
+        """The value itself: the pending adds written into raw in place first."""
+        if self.pending:
+            add_bias_residual(self.raw, bias=self.bias, residual=self.residual, out=self.raw, backend=backend)
+            self.bias = self.residual = None
+        return self.raw
+
+    def write_to(self, out: torch.Tensor, backend: Backend) -> None:
+        """out = the value, in one pass (raw is left as it is)."""
+        if self.pending:
+            add_bias_residual(self.raw, bias=self.bias, residual=self.residual, out=out, backend=backend)
+        else:
+            out.copy_(self.raw)
+
+
+def _activation(x: torch.Tensor | Activation) -> Activation:
+    return x if isinstance(x, Activation) else Activation(x)
+
+
+def _conv(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, cache: CausalCache) -> Activation:
+    """conv(x) (zero padding, as every conv here), its bias left to the next kernel on the fused path."""
+    conv_fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
+    bias = None if cache.fused else conv.bias
+    out = conv_fn(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if not cache.fused:
+        return Activation(out)
+    # cuDNN answers channels-last inputs and weights in kind; a CPU 1x1 kernel may answer NCHW (one copy).
+    layout = torch.channels_last_3d if out.dim() == 5 else torch.channels_last
+    return Activation(out.contiguous(memory_format=layout), conv.bias)
+
+
+@contextmanager
+def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cudnn.benchmark on around the enclosed convs and restored after, so the rest of the process keeps its
+    own setting. The decoder's conv shapes repeat every chunk, so each is tuned once per process."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 class WanVAE(nn.Module):
@@ -145,11 +226,12 @@ class WanVAE(nn.Module):
         return (mu.float() - mean) / std
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
         """Decode a normalised latent to a video (official `WanVAE.decode`, clamped to [−1, 1]).
 
         Args:
             latent: [B, 16, F', H', W'] as `encode` returns it.
+            fused: as in `decode_frames`.
 
         Returns:
             [B, 3, 1 + 4(F' − 1), 8H', 8W'] fp32 in [−1, 1].
@@ -160,29 +242,62 @@ class WanVAE(nn.Module):
             width * self.spatial_stride, dtype=torch.float32, device=latent.device,
         )  # fmt: skip
         start = 0
-        for frames in self.decode_frames(latent):
+        for frames in self.decode_frames(latent, fused=fused):
             video[:, :, start : start + frames.shape[2]] = frames
             start += frames.shape[2]
         return video
 
     @torch.no_grad()
-    def decode_frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_frames(self, latent: torch.Tensor, *, fused: bool | None = None) -> Iterator[torch.Tensor]:
         """Decode one latent frame at a time, yielding each chunk's frames as soon as they exist.
 
         Lets the caller stream frames to a video encoder while decoding goes on; `decode` is built on it.
 
         Args:
             latent: [B, 16, F', H', W'] as `encode` returns it.
+            fused: run the fused path (channels-last, Triton norms; see the module docstring). Default: on
+                CUDA. The Triton kernels run on CPU tensors only under TRITON_INTERPRET=1.
 
         Yields:
-            [B, 3, f, 8H', 8W'] fp32 in [−1, 1]: f = 1 for latent frame 0, then 4 per latent frame.
+            [B, 3, f, 8H', 8W'] fp32 in [−1, 1]: f = 1 for latent frame 0, then 4 per latent frame
+            (channels-last on the fused path).
         """
+        fused = latent.is_cuda if fused is None else fused
+        self._set_decoder_layout(channels_last=fused)
+        cache = CausalCache(fused=fused)
+        autotune = fused and latent.is_cuda
         mean, std = self._stats(latent.device)
         z = (self._check_latent(latent).float() * std + mean).to(self.dtype)
-        x = self.conv2(z)  # pointwise in time: applied to all frames at once, as official
-        cache = CausalCache()
+        with _cudnn_benchmark(autotune):  # conv2 is pointwise in time: all frames at once, as official
+            x = self.conv2(z.contiguous(memory_format=cache.memory_format))
         for i in range(x.shape[2]):
-            yield self.decoder(x[:, :, i : i + 1], cache).float().clamp_(-1.0, 1.0)
+            with _cudnn_benchmark(autotune):
+                out = self.decoder(x[:, :, i : i + 1], cache)
+                frames = out.raw.float()
+                if out.bias is not None:
+                    frames = frames.add_(out.bias.float().view(1, -1, 1, 1, 1))
+            yield frames.clamp_(-1.0, 1.0)
+
+    def _set_decoder_layout(self, channels_last: bool) -> None:
+        """Put the decode path's conv weights in its activations' layout (once; later calls find them there).
+
+        cuDNN would otherwise transpose a weight that does not match its input on every call. The strides are
+        set exactly, 1x1 kernels included (where `is_contiguous` cannot tell the layouts apart): torch picks a
+        conv's output layout from its weight when the input's strides are ambiguous (a one-frame chunk).
+        """
+        for module in (self.conv2, *self.decoder.modules()):
+            if not isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                continue
+            weight = module.weight.data
+            if not channels_last:
+                layout = torch.contiguous_format
+            else:
+                layout = torch.channels_last_3d if weight.dim() == 5 else torch.channels_last
+            if weight.stride() != torch.empty(weight.shape, device="meta", memory_format=layout).stride():
+                # The same kind of tensor as before: a decode under inference_mode must not turn normal
+                # parameters into inference tensors (no in-place load outside it), nor the other way round.
+                with torch.inference_mode(weight.is_inference()):
+                    module.weight.data = torch.empty_like(weight, memory_format=layout).copy_(weight)
 
     def _check_latent(self, latent: torch.Tensor) -> torch.Tensor:
         if latent.dim() != 5 or latent.shape[1] != self.z_dim or latent.shape[2] < 1:
@@ -228,13 +343,13 @@ class Encoder3d(nn.Module):
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], out_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = self.conv1(x, cache)
+        h: torch.Tensor | Activation = self.conv1(x, cache)
         for layer in self.downsamples:
-            x = layer(x, cache)
+            h = layer(h, cache)
         res_in, attn, res_out = self.middle
-        x = res_out(attn(res_in(x, cache)), cache)
+        h = res_out(attn(res_in(h, cache), cache), cache)
         norm, _, conv = self.head
-        return conv(F.silu(norm(x), inplace=True), cache)
+        return conv.forward_normed(norm, h, cache, keep_input=False).value(cache.backend)
 
 
 class Decoder3d(nn.Module):
@@ -267,14 +382,15 @@ class Decoder3d(nn.Module):
         self.upsamples = nn.ModuleList(upsamples)
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = self.conv1(x, cache)
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> Activation:
+        """One chunk; the result's bias (fused path) is still to be added."""
+        h = self.conv1(x, cache)
         res_in, attn, res_out = self.middle
-        x = res_out(attn(res_in(x, cache)), cache)
+        h = res_out(attn(res_in(h, cache), cache), cache)
         for layer in self.upsamples:
-            x = layer(x, cache)
+            h = layer(h, cache)
         norm, _, conv = self.head
-        return conv(F.silu(norm(x), inplace=True), cache)
+        return conv.forward_normed(norm, h, cache, keep_input=False)
 
 
 class ResidualBlock(nn.Module):
@@ -290,12 +406,18 @@ class ResidualBlock(nn.Module):
         )  # fmt: skip
         self.shortcut: nn.Module = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Activation, cache: CausalCache) -> Activation:
+        """x + residual(x); the add (and conv2's bias on the fused path) is left to the next kernel."""
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = self.shortcut(x)
-        x = conv1(F.silu(norm1(x), inplace=True), cache)
-        x = conv2(F.silu(norm2(x), inplace=True), cache)
-        return x + h
+        x = _activation(x)
+        # norm1 also writes x's pending adds into x.raw: the shortcut reads x's value from there.
+        h = conv1.forward_normed(norm1, x, cache, keep_input=True)
+        if isinstance(self.shortcut, nn.Conv3d):
+            shortcut = _conv(self.shortcut, x.raw, cache).value(cache.backend)
+        else:
+            shortcut = x.raw
+        h = conv2.forward_normed(norm2, h, cache, keep_input=False)
+        return Activation(h.raw, h.bias, residual=shortcut)
 
 
 class AttentionBlock(nn.Module):
@@ -308,16 +430,21 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
         nn.init.zeros_(self.proj.weight)  # official init: the block starts as the identity
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
+    def forward(self, x: torch.Tensor | Activation, cache: CausalCache) -> Activation:
+        """x + attention(x); the add (and proj's bias on the fused path) is left to the next kernel."""
+        x = _activation(x)
         b, c, t, h, w = x.shape
-        x = x.transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W]
-        qkv = self.to_qkv(self.norm(x)).view(b * t, 1, 3 * c, h * w)  # [B*F, 1, 3C, H*W]
+        normed = self.norm(x, keep_input=True, backend=cache.backend)  # also leaves x's value in x.raw
+        identity = x.raw
+        normed = normed.transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W] (a view when channels-last)
+        qkv = self.to_qkv(normed).view(b * t, 1, 3 * c, h * w)  # [B*F, 1, 3C, H*W]
         q, k, v = qkv.transpose(2, 3).chunk(3, dim=-1)  # each [B*F, 1, H*W, C]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B*F, 1, H*W, C]
-        x = x.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W]
-        x = self.proj(x).view(b, t, c, h, w).transpose(1, 2)  # [B, C, F, H, W]
-        return x + identity
+        out = F.scaled_dot_product_attention(q, k, v)  # [B*F, 1, H*W, C]
+        out = out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W]
+        projected = _conv(self.proj, out, cache)
+        projected.raw = projected.raw.view(b, t, c, h, w).transpose(1, 2)  # [B, C, F, H, W]
+        projected.residual = identity
+        return projected
 
 
 class Resample(nn.Module):
@@ -348,28 +475,43 @@ class Resample(nn.Module):
         else:
             raise ValueError(f"Resample mode {mode!r} is not one of upsample2d/3d, downsample2d/3d")
 
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        if self.mode == "upsample3d":
-            x = self._upsample_time(x, cache)
-        b, c, t, h, w = x.shape
+    def forward(self, x: torch.Tensor | Activation, cache: CausalCache) -> Activation:
+        """[B, C, F, H, W] → [B, C', F', H', W']; the up-conv's bias (fused path) is left to the next
+        kernel."""
+        x = _activation(x)
+        frames = self._upsample_time(x, cache) if self.mode == "upsample3d" else x.value(cache.backend)
+        b, c, t, h, w = frames.shape
+        frames = frames.transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W] (a view when channels-last)
+        pad_or_upsample, conv = self.resample
         # nearest-exact copies values, so it runs in the input dtype (the official fp32 detour was a
         # workaround for old bf16 kernels and gives the same bits).
-        x = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))  # [B*F, C', H', W']
-        x = x.view(b, t, *x.shape[1:]).transpose(1, 2)  # [B, C', F, H', W']
+        out = _conv(conv, pad_or_upsample(frames), cache)  # [B*F, C', H', W']
+        out.raw = out.raw.view(b, t, *out.raw.shape[1:]).transpose(1, 2)  # [B, C', F, H', W']
         if self.mode == "downsample3d":
-            x = self._downsample_time(x, cache)
-        return x
+            return Activation(self._downsample_time(out.value(cache.backend), cache))
+        return out
 
-    def _upsample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        b, c, t, h, w = x.shape
+    def _upsample_time(self, x: Activation, cache: CausalCache) -> torch.Tensor:
         if cache.get(self.time_conv) is None:
             # First chunk: official stores 'Rep' and keeps latent frame 0 as one frame. On the next chunk its
             # time conv sees zero padding (not frame 0), i.e. a zero history.
-            cache.set(self.time_conv, x.new_zeros(b, c, self.time_conv.time_padding, h, w))
-            return x
-        x = self.time_conv(x, cache)  # [B, 2C, F, H, W]
+            value = x.value(cache.backend)
+            b, c, _, h, w = value.shape
+            cache.set(self.time_conv, value.new_zeros(b, c, self.time_conv.time_padding, h, w))
+            return value
+        doubled = self.time_conv(x, cache)  # [B, 2C, F, H, W]
+        b, c2, t, h, w = doubled.shape
+        c = c2 // 2
         # Channel halves are consecutive frames: [B, 2, C, F, H, W] → [B, C, F, 2, H, W] → [B, C, 2F, H, W].
-        return x.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        halves = doubled.raw.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5)
+        out = torch.empty(b, c, 2 * t, h, w, dtype=doubled.raw.dtype, device=doubled.raw.device,
+                          memory_format=cache.memory_format)
+        interleaved = out.unflatten(2, (t, 2))  # a view of out as [B, C, F, 2, H, W]
+        if doubled.bias is None:
+            interleaved.copy_(halves)
+        else:  # the time conv's bias joins the one copy the interleave needs anyway
+            torch.add(halves, doubled.bias.view(2, c).t().reshape(1, c, 1, 2, 1, 1), out=interleaved)
+        return out
 
     def _downsample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         history = cache.get(self.time_conv)
@@ -385,8 +527,10 @@ class Resample(nn.Module):
 class CausalConv3d(nn.Conv3d):
     """Conv3d causal in time (front padding 2·pad_t, taken from the previous chunk) and symmetric in space.
 
-    Official `CausalConv3d` prepends `feat_cache` frames to the input and zero-pads the rest of the front; a
-    history buffer that starts as zeros and always holds the last 2·pad_t input frames gives the same input.
+    Official `CausalConv3d` prepends `feat_cache` frames to the input and zero-pads the rest of the front.
+    Here one input buffer per layer [B, C, 2·pad_t + F, H, W] gives the same input without a concatenation:
+    its head starts as zeros and always holds the last 2·pad_t input frames, and each chunk is written into
+    its tail by whoever produces it (`forward`: a copy; `forward_normed`: the norm itself).
     """
 
     def __init__(
@@ -400,31 +544,89 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, padding=(0, pad_h, pad_w))
         self.time_padding = 2 * pad_t
 
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:  # type: ignore[override]
-        history = cache.get(self)
-        if history is None:
-            b, c, _, h, w = x.shape
-            history = cache.set(self, x.new_zeros(b, c, self.time_padding, h, w))
-        x = torch.cat([history, x], dim=2)  # [B, C, time_padding + F, H, W]
-        history.copy_(x[:, :, -self.time_padding :])
-        return super().forward(x)
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor | Activation, cache: CausalCache
+    ) -> Activation:
+        x = _activation(x)
+        buffer = self._input_buffer(x.raw, cache)
+        x.write_to(buffer[:, :, self.time_padding :], cache.backend)
+        return self._convolve(buffer, cache)
+
+    def forward_normed(
+        self, norm: RMSNorm, x: torch.Tensor | Activation, cache: CausalCache, *, keep_input: bool
+    ) -> Activation:
+        """conv(silu(norm(x))), the norm writing straight into this conv's input buffer.
+
+        keep_input: also write x's pending adds into x.raw, for a caller that still needs x's value.
+        """
+        x = _activation(x)
+        buffer = self._input_buffer(x.raw, cache)
+        tail = buffer[:, :, self.time_padding :]
+        norm(x, silu=True, out=tail, keep_input=keep_input, backend=cache.backend)
+        return self._convolve(buffer, cache)
+
+    def _input_buffer(self, chunk: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """This layer's buffer [B, C, time_padding + F, H, W] for a chunk like `chunk`, the history at its
+        head (zeros before the first chunk); a new one, history copied, when F changes (after chunk 0)."""
+        b, _, frames, h, w = chunk.shape
+        shape = (b, self.in_channels, self.time_padding + frames, h, w)
+        buffer = cache.get(self)
+        if buffer is None or buffer.shape != shape:
+            fresh = torch.empty(shape, dtype=chunk.dtype, device=chunk.device,
+                                memory_format=cache.memory_format)
+            head = fresh[:, :, : self.time_padding]
+            if buffer is None:
+                head.zero_()
+            else:
+                head.copy_(buffer[:, :, : self.time_padding])
+            buffer = cache.set(self, fresh)
+        return buffer
+
+    def _convolve(self, buffer: torch.Tensor, cache: CausalCache) -> Activation:
+        out = _conv(self, buffer, cache)
+        # The last time_padding input frames become the next chunk's history.
+        history, frames = self.time_padding, buffer.shape[2] - self.time_padding
+        if frames >= history:
+            buffer[:, :, :history].copy_(buffer[:, :, frames:])
+        else:  # old and new history overlap: frame by frame, front first, so no source is overwritten early
+            for i in range(history):
+                buffer[:, :, i].copy_(buffer[:, :, i + frames])
+        return out
 
 
 class RMSNorm(nn.Module):
     """Official `RMS_norm`: L2-normalise over channels (eps 1e-12), times sqrt(C)·gamma; no mean, no bias.
 
-    gamma is [C, 1, 1, 1] for video tensors and [C, 1, 1] (`images=True`) for the per-frame attention input.
+    gamma is [C, 1, 1, 1] for video tensors and [C, 1, 1] (`images=True`, the attention block's; the official
+    code normalises per frame, the same numbers).
     """
 
     def __init__(self, dim: int, images: bool = False) -> None:
         super().__init__()
-        self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 for bf16 inputs (a no-op for fp32): a sum of squares over hundreds of channels loses too much
-        # in bf16 (diffusers' `WanRMS_norm` upcasts likewise).
-        return (F.normalize(x.float(), dim=1) * (self.gamma.float() * self.scale)).type_as(x)
+    def forward(
+        self,
+        x: torch.Tensor | Activation,
+        *,
+        silu: bool = False,
+        out: torch.Tensor | None = None,
+        keep_input: bool = False,
+        backend: Backend = "torch",
+    ) -> torch.Tensor:
+        """[silu](norm(x)) in fp32 math, cast to x's dtype (or written into `out`).
+
+        x's pending adds (an Activation) are applied first; keep_input also writes them into x.raw. The math
+        is fp32 for bf16 inputs too: a sum of squares over hundreds of channels loses too much in bf16
+        (diffusers' `WanRMS_norm` upcasts likewise).
+        """
+        x = _activation(x)
+        keep = keep_input and x.pending
+        y = vae_rms_norm(x.raw, self.gamma, bias=x.bias, residual=x.residual, silu=silu, out=out,
+                         sum_out=x.raw if keep else None, backend=backend)
+        if keep:
+            x.bias = x.residual = None
+        return y
 
 
-__all__ = ["WanVAE", "CausalCache", "LATENT_MEAN", "LATENT_STD"]
+__all__ = ["LATENT_MEAN", "LATENT_STD", "CausalCache", "WanVAE"]
