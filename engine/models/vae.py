@@ -20,20 +20,21 @@ dtype: the module runs in its parameter dtype (fp32 or bf16; inputs are cast to 
 fp32. `encode` and `decode` return fp32, as the official wrapper (`.float()`) does.
 
 Two ways to run the same layers, chosen per call by `CausalCache(fused=...)`:
-- plain (CPU default, and always for `encode`): NCDHW, plain torch ops, each conv with its bias; the very
-  arithmetic of the official code.
-- fused (the CUDA default for `decode`): activations and decoder conv weights in channels_last_3d, so
-  cuDNN needs no layout transposes (and `cudnn.benchmark` is on while decoding); each norm (with the SiLU
-  after it) is one Triton pass (`engine.ops.vae_ops`) that also applies the bias the conv before it left
-  out and the residual add before it, and writes straight into the input buffer of the conv after it. Same
-  math up to bf16 rounding.
+- plain (the CPU default): NCDHW, plain torch ops, each conv with its bias; the very arithmetic of the
+  official code.
+- fused (the CUDA default, for `encode` and `decode` alike): activations and the encoder's or decoder's
+  conv weights in channels_last_3d, so cuDNN needs no layout transposes (and `cudnn.benchmark` is on while
+  the chunks run); each norm (with the SiLU after it) is one Triton pass (`engine.ops.vae_ops`) that also
+  applies the bias the conv before it left out and the residual add before it, and writes straight into the
+  input buffer of the conv after it. Same math up to bf16 rounding.
 Either way a causal conv keeps one input buffer [B, C, time_padding + F, H, W] per layer: the history at its
-head, this chunk at its tail, so it never concatenates.
+head, this chunk at its tail, so it never concatenates (the downsample3d time conv too, with its one frame of
+history).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -132,7 +133,7 @@ def _conv(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, cache: CausalCache) -> A
 @contextmanager
 def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
     """cudnn.benchmark on around the enclosed convs and restored after, so the rest of the process keeps its
-    own setting. The decoder's conv shapes repeat every chunk, so each is tuned once per process."""
+    own setting. The conv shapes repeat every chunk, so each is tuned once per process."""
     if not enabled:
         yield
         return
@@ -195,14 +196,16 @@ class WanVAE(nn.Module):
         return self.conv2.weight.dtype
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
         """Encode a video to its normalised latent (the posterior mean; official `WanVAE.encode`).
 
         Args:
             video: [B, 3, F, H, W] in [−1, 1], F = 4k + 1, H and W multiples of 8.
+            fused: run the fused path (channels-last, Triton norms; see the module docstring). Default: on
+                CUDA. The Triton kernels run on CPU tensors only under TRITON_INTERPRET=1.
 
         Returns:
-            [B, 16, (F − 1)/4 + 1, H/8, W/8] fp32, (mu − mean) / std.
+            [B, 16, (F − 1)/4 + 1, H/8, W/8] fp32, (mu − mean) / std, contiguous.
 
         Raises:
             ValueError: on a shape the causal chunking cannot take.
@@ -214,16 +217,27 @@ class WanVAE(nn.Module):
             raise ValueError(f"num_frames {num_frames} must be {self.temporal_stride}k+1")
         if height % self.spatial_stride or width % self.spatial_stride:
             raise ValueError(f"height {height} and width {width} must be multiples of {self.spatial_stride}")
-        video = video.to(self.dtype)
-        cache = CausalCache()
+        fused = video.is_cuda if fused is None else fused
+        self._set_layout((self.conv1, *self.encoder.modules()), channels_last=fused)
+        cache = CausalCache(fused=fused)
+        video = video.to(self.dtype)  # the first conv's input buffer takes its dtype from the chunks
         # Chunks [0:1], [1:5], [5:9], …: each gives one latent frame.
         later_chunks = video[:, :, 1:].split(self.temporal_stride, dim=2) if num_frames > 1 else ()
         chunks = (video[:, :, :1], *later_chunks)
-        encoded = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # [B, 2z, F', H/8, W/8]
-        # Only the mu half of conv1: encode returns the posterior mode, log_var is never used.
-        mu = F.conv3d(encoded, self.conv1.weight[: self.z_dim], self.conv1.bias[: self.z_dim])
+        batch = video.shape[0]
+        encoded = torch.empty(
+            batch, 2 * self.z_dim, len(chunks), height // self.spatial_stride, width // self.spatial_stride,
+            dtype=self.dtype, device=video.device, memory_format=cache.memory_format,
+        )  # fmt: skip
+        with _cudnn_benchmark(fused and video.is_cuda):
+            for i, chunk in enumerate(chunks):
+                # The head conv's bias (fused path) joins the copy into the output.
+                self.encoder(chunk, cache).write_to(encoded[:, :, i : i + 1], cache.backend)
+            # Only the mu half of conv1: encode returns the posterior mode, log_var is never used.
+            mu = F.conv3d(encoded, self.conv1.weight[: self.z_dim], self.conv1.bias[: self.z_dim])
         mean, std = self._stats(mu.device)
-        return (mu.float() - mean) / std
+        # Contiguous whatever the path: the latent goes on to the DiT, not to another channels-last conv.
+        return ((mu.float() - mean) / std).contiguous()
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
@@ -263,7 +277,7 @@ class WanVAE(nn.Module):
             (channels-last on the fused path).
         """
         fused = latent.is_cuda if fused is None else fused
-        self._set_decoder_layout(channels_last=fused)
+        self._set_layout((self.conv2, *self.decoder.modules()), channels_last=fused)
         cache = CausalCache(fused=fused)
         autotune = fused and latent.is_cuda
         mean, std = self._stats(latent.device)
@@ -278,14 +292,16 @@ class WanVAE(nn.Module):
                     frames = frames.add_(out.bias.float().view(1, -1, 1, 1, 1))
             yield frames.clamp_(-1.0, 1.0)
 
-    def _set_decoder_layout(self, channels_last: bool) -> None:
-        """Put the decode path's conv weights in its activations' layout (once; later calls find them there).
+    @staticmethod
+    def _set_layout(modules: Iterable[nn.Module], channels_last: bool) -> None:
+        """Put one path's conv weights (encode's or decode's) in its activations' layout (once; later calls
+        find them there).
 
         cuDNN would otherwise transpose a weight that does not match its input on every call. The strides are
         set exactly, 1x1 kernels included (where `is_contiguous` cannot tell the layouts apart): torch picks a
         conv's output layout from its weight when the input's strides are ambiguous (a one-frame chunk).
         """
-        for module in (self.conv2, *self.decoder.modules()):
+        for module in modules:
             if not isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 continue
             weight = module.weight.data
@@ -342,14 +358,15 @@ class Encoder3d(nn.Module):
                                      ResidualBlock(dims[-1], dims[-1])])
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], out_dim, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        h: torch.Tensor | Activation = self.conv1(x, cache)
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> Activation:
+        """One chunk; the result's bias (fused path) is still to be added."""
+        h = self.conv1(x, cache)
         for layer in self.downsamples:
             h = layer(h, cache)
         res_in, attn, res_out = self.middle
         h = res_out(attn(res_in(h, cache), cache), cache)
         norm, _, conv = self.head
-        return conv.forward_normed(norm, h, cache, keep_input=False).value(cache.backend)
+        return conv.forward_normed(norm, h, cache, keep_input=False)
 
 
 class Decoder3d(nn.Module):
@@ -454,12 +471,15 @@ class Resample(nn.Module):
     causal time conv to 2·dim channels whose halves become consecutive frames. downsample: pad right/bottom
     by one then Conv2d(dim, dim, 3, stride 2); downsample3d then halves the frames with a stride-2 time conv
     over (last frame of the previous chunk, this chunk's frames).
+
+    Channels-last (fused path): the [B, C, F, H, W] ↔ [B·F, C, H, W] reshapes are views, and the zero pad and
+    nearest-exact upsample keep their input's layout.
     """
 
     def __init__(self, dim: int, mode: str) -> None:
         super().__init__()
         self.mode = mode
-        self.time_conv: nn.Module
+        self.time_conv: CausalConv3d
         if mode in ("upsample2d", "upsample3d"):
             self.resample = nn.Sequential(
                 nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
@@ -470,13 +490,14 @@ class Resample(nn.Module):
         elif mode in ("downsample2d", "downsample3d"):
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
             if mode == "downsample3d":
-                # No time padding: its one frame of history is handled in `_downsample_time`.
-                self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+                # No zero padding in time (official padding 0): one frame of history instead, which
+                # `_downsample_time` puts at the head of the conv's input buffer on the first chunk.
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), 0, stride=(2, 1, 1), time_padding=1)
         else:
             raise ValueError(f"Resample mode {mode!r} is not one of upsample2d/3d, downsample2d/3d")
 
     def forward(self, x: torch.Tensor | Activation, cache: CausalCache) -> Activation:
-        """[B, C, F, H, W] → [B, C', F', H', W']; the up-conv's bias (fused path) is left to the next
+        """[B, C, F, H, W] → [B, C', F', H', W']; the last conv's bias (fused path) is left to the next
         kernel."""
         x = _activation(x)
         frames = self._upsample_time(x, cache) if self.mode == "upsample3d" else x.value(cache.backend)
@@ -488,7 +509,7 @@ class Resample(nn.Module):
         out = _conv(conv, pad_or_upsample(frames), cache)  # [B*F, C', H', W']
         out.raw = out.raw.view(b, t, *out.raw.shape[1:]).transpose(1, 2)  # [B, C', F, H', W']
         if self.mode == "downsample3d":
-            return Activation(self._downsample_time(out.value(cache.backend), cache))
+            return self._downsample_time(out, cache)
         return out
 
     def _upsample_time(self, x: Activation, cache: CausalCache) -> torch.Tensor:
@@ -513,24 +534,24 @@ class Resample(nn.Module):
             torch.add(halves, doubled.bias.view(2, c).t().reshape(1, c, 1, 2, 1, 1), out=interleaved)
         return out
 
-    def _downsample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        history = cache.get(self.time_conv)
-        if history is None:
+    def _downsample_time(self, x: Activation, cache: CausalCache) -> Activation:
+        if cache.get(self.time_conv) is None:
             # First chunk (one frame): official only caches it, so frame 0 becomes latent frame 0 on its own.
-            cache.set(self.time_conv, x[:, :, -1:].clone())
-            return x
-        x_in = torch.cat([history, x], dim=2)  # [B, C, 1 + F, H, W]
-        history.copy_(x[:, :, -1:])
-        return self.time_conv(x_in)
+            # The cached frame is the time conv's history: a buffer of time_padding = 1 frames and no chunk.
+            value = x.value(cache.backend)
+            cache.set(self.time_conv, value[:, :, -1:].clone())
+            return Activation(value)
+        return self.time_conv(x, cache)  # over [last frame of the previous chunk, this chunk's F frames]
 
 
 class CausalConv3d(nn.Conv3d):
     """Conv3d causal in time (front padding 2·pad_t, taken from the previous chunk) and symmetric in space.
 
     Official `CausalConv3d` prepends `feat_cache` frames to the input and zero-pads the rest of the front.
-    Here one input buffer per layer [B, C, 2·pad_t + F, H, W] gives the same input without a concatenation:
-    its head starts as zeros and always holds the last 2·pad_t input frames, and each chunk is written into
-    its tail by whoever produces it (`forward`: a copy; `forward_normed`: the norm itself).
+    Here one input buffer per layer [B, C, time_padding + F, H, W] gives the same input without a
+    concatenation: its head starts as zeros (unless the owner sets a history first) and always holds the last
+    time_padding input frames, and each chunk is written into its tail by whoever produces it (`forward`: a
+    copy, with the producer's pending adds; `forward_normed`: the norm itself).
     """
 
     def __init__(
@@ -539,10 +560,14 @@ class CausalConv3d(nn.Conv3d):
         out_channels: int,
         kernel_size: int | tuple[int, int, int],
         padding: int | tuple[int, int, int],
+        stride: int | tuple[int, int, int] = 1,
+        time_padding: int | None = None,
     ) -> None:
+        """time_padding: history frames in front of each chunk; default 2·pad_t (official's causal padding).
+        The downsample3d time conv has padding 0 and takes 1: the frame official's Resample concatenates."""
         pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
-        super().__init__(in_channels, out_channels, kernel_size, padding=(0, pad_h, pad_w))
-        self.time_padding = 2 * pad_t
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
+        self.time_padding = 2 * pad_t if time_padding is None else time_padding
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor | Activation, cache: CausalCache

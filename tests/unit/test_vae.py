@@ -1,8 +1,8 @@
 """WanVAE against diffusers' independent `AutoencoderKLWan` (same random weights, fp32, renamed by the
 engine's own `engine.checkpoint.vae_to_diffusers`), against a copy of its own previous per-chunk code (bit for
-bit on the plain path; the fused channels-last path, Triton kernels under the CPU interpreter, to 1e-5), plus
-the official key set at full size, the frame arithmetic, streaming decode, causality across chunks and bf16
-drift."""
+bit on the plain path; the fused channels-last encode and decode, Triton kernels under the CPU interpreter, to
+fp32 summation-order noise), plus the official key set at full size, the frame arithmetic, streaming decode,
+causality across chunks and bf16 drift."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
+import engine.models.vae as vae_module
 from engine.checkpoint import vae_from_diffusers, vae_to_diffusers
 from engine.configs import VAEConfig, from_name
 from engine.models.vae import LATENT_MEAN, LATENT_STD, CausalConv3d, Resample, ResidualBlock, WanVAE
@@ -109,7 +110,8 @@ class OldChunkedVAE:
             else:
                 x_in = torch.cat([self.history[block.time_conv], x], dim=2)
                 self.history[block.time_conv].copy_(x[:, :, -1:])
-                x = block.time_conv(x_in)
+                # The old nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) (now a CausalConv3d, same weights).
+                x = F.conv3d(x_in, block.time_conv.weight, block.time_conv.bias, stride=(2, 1, 1))
         return x
 
     def layer(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -339,6 +341,68 @@ def test_vae_fused_decode_matches_the_old_code(
     assert not fused.decoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def _record_channels_last_convs(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
+    """Check every conv input of the fused path (all but to_qkv, which runs as a module, go through
+    `vae._conv`) is channels-last, so cuDNN transposes nothing; returns the convs seen, in call order."""
+    seen: list[torch.nn.Module] = []
+    conv = vae_module._conv
+
+    def checked(
+        layer: torch.nn.Module, x: torch.Tensor, cache: vae_module.CausalCache
+    ) -> vae_module.Activation:
+        layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        assert x.is_contiguous(memory_format=layout), (layer, tuple(x.shape), x.stride())
+        seen.append(layer)
+        return conv(layer, x, cache)
+
+    monkeypatch.setattr(vae_module, "_conv", checked)
+    return seen
+
+
+def test_vae_fused_encode_matches_the_old_code(
+    models: tuple[WanVAE, torch.nn.Module], video: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA encode, here on the CPU (Triton interpreter): channels_last_3d from the first conv's input
+    buffer on (the zero pad and stride-2 conv of downsample2d/3d, the stride-2 time conv with its one frame of
+    history, the attention block and the head included), biases and residual adds folded into the norms."""
+    ours, _ = models
+    expected = OldChunkedVAE(ours).encode(video)
+    fused = copy.deepcopy(ours)
+    convs_seen = _record_channels_last_convs(monkeypatch)
+    out = fused.encode(video, fused=True)
+    assert out.shape == expected.shape and out.dtype == torch.float32 and out.is_contiguous()
+    # Every encoder conv ran channels-last; the time conv of downsample3d too (it runs from the second chunk).
+    convs = {m for m in fused.encoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))}
+    assert set(convs_seen) == convs - {fused.encoder.middle[1].to_qkv}
+    time_conv = fused.encoder.downsamples[5].time_conv
+    assert time_conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    # fp32 throughout, other summation orders (biases added after the conv, fp32 sums in the kernel). The
+    # bound is derived as the decode test's (1e-5 there, where the old fp32 code lies 5e-6 from fp64): the
+    # encoder, at a quarter of the pixels a layer and with fewer layers, carries rounding less far. Measured
+    # here: the old fp32 encode lies 4.8e-7 (relative max) from an fp64 run of it, the fused one 6.1e-7 from
+    # that and 7.0e-7 from the old fp32 one. A lost bias or a wrong history shows as O(0.1).
+    assert relative_max_diff(out, expected) <= 2e-6
+    monkeypatch.undo()
+    # A plain encode on the same module puts the weights back in NCDHW and gives the old bits again.
+    assert torch.equal(fused.encode(video, fused=False), expected)
+    assert not time_conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_vae_fused_encode_bf16_close_to_fp32(
+    models: tuple[WanVAE, torch.nn.Module], video: torch.Tensor
+) -> None:
+    """As the decode test below: the fused bf16 encode drifts from fp32 as the plain bf16 one does, within
+    the slack of the Triton interpreter's truncating bf16 casts."""
+    ours, _ = models
+    reference = ours.encode(video)
+    encoded = copy.deepcopy(ours).to(torch.bfloat16).encode(video, fused=True)
+    # Measured: 1.75 % of the range at worst, mean |diff| 0.0043 (the plain bf16 path: 0.73 % / 0.0020; the
+    # fused path with its torch reference ops in place of the interpreted kernel, rounding to nearest:
+    # 0.75 % / 0.0021). The bounds leave ~1.7x headroom over the interpreter's drift; a wrong op: O(100 %).
+    assert relative_max_diff(encoded, reference) <= 0.03
+    assert (encoded - reference).abs().mean() <= 0.0075
+
+
 def test_vae_fused_bf16_close_to_fp32(models: tuple[WanVAE, torch.nn.Module], latent: torch.Tensor) -> None:
     """The fused path in bf16 drifts from fp32 as the plain bf16 path does (test above), within the slack of
     the Triton interpreter, whose bf16 casts truncate where the GPU rounds to nearest."""
@@ -353,16 +417,19 @@ def test_vae_fused_bf16_close_to_fp32(models: tuple[WanVAE, torch.nn.Module], la
     assert (decoded - reference).abs().mean() <= 0.02
 
 
-def test_vae_fused_decode_under_inference_mode(
-    models: tuple[WanVAE, torch.nn.Module], latent: torch.Tensor
+def test_vae_fused_paths_under_inference_mode(
+    models: tuple[WanVAE, torch.nn.Module], video: torch.Tensor, latent: torch.Tensor
 ) -> None:
-    """The pipeline decodes under torch.inference_mode: moving the weights to channels-last there must keep
-    normal parameters normal (loadable in place afterwards) and work on a model built inside it."""
+    """The pipeline encodes and decodes under torch.inference_mode: moving the weights to channels-last there
+    must keep normal parameters normal (loadable in place afterwards) and work on a model built inside it."""
     ours = copy.deepcopy(models[0])
     with torch.inference_mode():
+        ours.encode(video[:1, :, :5], fused=True)
         ours.decode(latent[:, :, :2], fused=True)
+    assert ours.encoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert not any(p.is_inference() for p in ours.parameters())
     ours.load_state_dict(models[0].state_dict())  # copies in place
     with torch.inference_mode():
         built_inside = WanVAE.from_config(TINY).eval()
+        assert built_inside.encode(video[:1, :, :5], fused=True).isfinite().all()
         assert built_inside.decode(latent[:, :, :2], fused=True).isfinite().all()
