@@ -35,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--model-steps", default="wan2.2-i2v-a14b=4",
+                        help="per-model step counts, e.g. the speed issue's 4-step A14B bar")
     parser.add_argument("--out", type=Path, default=Path("docs/img/e2e.png"))
     args = parser.parse_args()
     import matplotlib
@@ -43,11 +45,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     models = [m for path in args.results for m in json.loads(path.read_text())["models"]]
+    per_model = {name: int(n) for name, n in (item.split("=") for item in args.model_steps.split(",") if item)}
     device = json.loads(args.results[0].read_text())["device"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.9 * len(models)))
     for ax, original in zip(axes, (True, False), strict=True):
         for row, model in enumerate(models):
-            steps = turbo_steps(model, args.steps)
+            steps = turbo_steps(model, per_model.get(model["model"], args.steps))
             record = model["original"] if original else model["turbo"][f"steps_{steps}"]
             left = 0.0
             for stage, seconds in stage_times(record, original=original).items():
