@@ -11,6 +11,10 @@ engine worker (the API is what is measured; jobs stay queued). Admission is set 
 TD_QUEUE_MAX_DEPTH (default 250) jobs are accepted (202), the rest of the burst is refused with 429 +
 Retry-After. Only 127.0.0.1 is ever contacted.
 
+Besides latency, each phase reports the CPU time per request of the API processes, of Redis and of this client
+(from /proc, over the measured requests): on a machine with C cores a burst of N requests cannot end sooner than
+N × (the three together) / C.
+
 The client is a lean asyncio HTTP/1.1 client on keep-alive connections opened before the clock starts (one per
 in-flight request): httpx costs about 1 ms of client CPU per request, which on two cores would be measured as
 server latency. Latency = first byte of the request written → last byte of the response read.
@@ -34,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +67,14 @@ def wait_port(port: int, timeout: float = 30) -> None:
                 return
         time.sleep(0.05)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def process_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 # --- A lean HTTP/1.1 client -----------------------------------------------------------------------------------
@@ -167,6 +181,11 @@ class Stack:
             pids += [int(pid) for pid in children.read_text().split()]
         return pids
 
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds (user + system, all threads) the API processes and Redis have used so far."""
+        api = sum(process_cpu_s(pid) for pid in self.api_pids())
+        return {"api": api, "redis": process_cpu_s(self.redis.pid)}
+
     def api_rss_mib(self) -> float:
         total_kib = 0
         for pid in self.api_pids():
@@ -199,6 +218,17 @@ class Phase:
     statuses: dict[int, int] = field(default_factory=dict)
     missing_retry_after: int = 0
     wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=lambda: {"api": 0.0, "redis": 0.0, "client": 0.0})
+
+    @contextmanager
+    def timed(self, stack: Stack) -> Iterator[None]:
+        """Count the wall time and the CPU time of the API, Redis and this client spent inside the block."""
+        cpu, client, start = stack.cpu_s(), time.process_time(), time.perf_counter()
+        yield
+        self.wall_s += time.perf_counter() - start
+        self.cpu_s["client"] += time.process_time() - client
+        for name, seconds in stack.cpu_s().items():
+            self.cpu_s[name] += seconds - cpu[name]
 
     def add(self, reply: Reply) -> None:
         self.latencies_ms.append(reply.latency_ms)
@@ -223,6 +253,9 @@ class Phase:
             "mean_ms": round(statistics.fmean(ordered), 2),
             "wall_s": round(self.wall_s, 2),
             "throughput_rps": round(len(ordered) / self.wall_s, 1),
+            "cpu_ms_per_request": {
+                name: round(seconds * 1000 / len(ordered), 3) for name, seconds in self.cpu_s.items()
+            },
         }
 
 
@@ -242,9 +275,9 @@ async def submit_round(
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         return await conn.request("POST", "/v1/generate", headers, body)
 
-    start = time.perf_counter()
-    replies = await asyncio.gather(*(one(c, o, start) for c, o in zip(connections, offsets, strict=True)))
-    phase.wall_s += time.perf_counter() - start
+    with phase.timed(stack):
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(one(c, o, start) for c, o in zip(connections, offsets, strict=True)))
     for conn in connections:
         conn.close()
     accepted = []
@@ -267,9 +300,8 @@ async def poll_round(
         for _ in range(count):
             phase.add(await conn.request("GET", f"/v1/jobs/{rng.choice(job_ids)}", headers))
 
-    start = time.perf_counter()
-    await asyncio.gather(*(poll_loop(c, n) for c, n in zip(pollers, per_poller, strict=True)))
-    phase.wall_s += time.perf_counter() - start
+    with phase.timed(stack):
+        await asyncio.gather(*(poll_loop(c, n) for c, n in zip(pollers, per_poller, strict=True)))
     for conn in pollers:
         conn.close()
 

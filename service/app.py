@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import limits
 from service.auth import check_auth_configured
 from service.deps import UnsupportedMediaType
-from service.limits import PayloadTooLarge
+from service.limits import PayloadTooLarge, RateLimiter
 from service.metrics import HttpMetricsMiddleware, init_job_series
 from service.queue import InvalidField, JobConflict, JobNotFound, Jobs, QueueFull
 from service.routes import generate, health, jobs, models, videos, webhooks
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.api_keys:
             log.warning("TD_AUTH_DISABLED: the API accepts requests without a key (local use only)")
         app.state.jobs = Jobs.from_settings(settings)
+        app.state.rate_limiter = RateLimiter(settings)  # what require_api_key counts with (service/deps.py)
         janitor = Janitor(app.state.jobs, settings.janitor_interval_s)
         janitor.start()
         dispatcher = WebhookDispatcher(app.state.jobs, settings)
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         dispatcher.stop()
         janitor.stop()
+        await app.state.rate_limiter.aclose()
 
     app = FastAPI(
         title="tdserve",

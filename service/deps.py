@@ -17,15 +17,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from service.auth import authenticate
-from service.limits import PayloadTooLarge, check_rate
+from service.limits import PayloadTooLarge, RateLimiter
 from service.queue import InvalidField, Jobs
 from service.schemas import GenerateRequest, VideoCreateRequest
 from service.settings import Settings
 
 
-def app_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     """The settings the app was created with (`create_app` keeps them on app.state). Not a dependency
-    override of get_settings: FastAPI re-analyses an override's signature on every request (~0.5 ms)."""
+    override of get_settings: FastAPI re-analyses an override's signature on every request (~0.5 ms).
+    `async` only so that FastAPI calls it in the event loop instead of a threadpool hop (as for get_jobs)."""
     settings: Settings = request.app.state.settings
     return settings
 
@@ -40,7 +41,7 @@ _JSON_FORM_FIELDS = ("metadata", "input_reference")
 _FORM_OVERHEAD_BYTES = 64 * 1024
 
 
-def get_jobs(request: Request) -> Jobs:
+async def get_jobs(request: Request) -> Jobs:
     jobs: Jobs = request.app.state.jobs
     return jobs
 
@@ -50,15 +51,16 @@ JobsDep = Annotated[Jobs, Depends(get_jobs)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from TD_API_KEYS (when keys are configured).")
 
 
-def require_api_key(
+async def require_api_key(
+    request: Request,
     settings: SettingsDep,
-    jobs: JobsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """The caller's scope (service/auth.py), counted against its rate (service/limits.py); 401 when keys are
     configured and the request has none of them, 429 over the rate."""
     scope = authenticate(settings, None if credentials is None else credentials.credentials)
-    check_rate(jobs.redis, settings, scope)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    await limiter.check(scope)
     return scope
 
 

@@ -3,10 +3,13 @@ Redis, so every API replica shares them), the request-body cap, and Pillow's dec
 
 - **Rate**: GCRA (the generic cell-rate algorithm, one Redis key per API key holding its "theoretical arrival
   time"): `rate_limit_per_s` sustained with bursts of `rate_limit_burst`; past it 429 `rate_limited` with
-  Retry-After. Redis's clock is the only clock, so replicas with skewed clocks agree.
+  Retry-After. Redis's clock is the only clock, so replicas with skewed clocks agree. It is counted on every
+  keyed request through an asyncio Redis client, in the event loop: a threadpool hop would cost more CPU than
+  the round trip itself.
 - **Quota**: at most `max_active_jobs_per_key` queued + running jobs per key; past it 429 `quota_exceeded`.
-  A zset per key holds its active job ids; a Lua script prunes the ended ones and reserves a slot in one step,
-  so concurrent submissions cannot overshoot.
+  A zset per key holds its active job ids (a job leaves it when it ends). The submission script of
+  service/queue.py counts it and enqueues the job in the same atomic step, so concurrent submissions cannot
+  overshoot; it prunes ended jobs a crash left behind before it ever refuses.
 - **Body**: a declared Content-Length over the limit is answered 413 before a byte is read; a body without
   one (chunked) is counted as it arrives and refused the moment it passes the limit.
 
@@ -16,23 +19,18 @@ admission of service/queue.py applies.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
-from redis import Redis
-from redis.commands.core import Script
+from redis.asyncio import BlockingConnectionPool, Redis
 
-from service import metrics
 from service.auth import ANONYMOUS
-from service.queue import JobRecord, Jobs, Submission, key
+from service.queue import REDIS_OPTIONS, JobRecord, Jobs, QueueView, QuotaExceeded, Submission, key
 from service.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -40,12 +38,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-# A reservation not turned into a job within this long was left by a crashed request: its slot is freed.
-_RESERVATION_TTL_S = 60
-_RESERVATION_PREFIX = "pending:"
-# Retry-After for a full quota when the model has no measured run time yet.
-_DEFAULT_QUOTA_RETRY_S = 10
 
 
 class PayloadTooLarge(Exception):
@@ -56,12 +48,6 @@ class PayloadTooLarge(Exception):
 class RateLimited(Exception):
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(f"too many requests for this API key; retry in {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
-class QuotaExceeded(Exception):
-    def __init__(self, limit: int, retry_after_s: int) -> None:
-        super().__init__(f"this API key already has {limit} queued or running jobs, its limit")
         self.retry_after_s = retry_after_s
 
 
@@ -81,59 +67,52 @@ redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_
 return 0
 """
 
-# KEYS[1] the key's active-job zset (member → time added). ARGV[1] limit, ARGV[2] reservation to add,
-# ARGV[3] job-hash key prefix, ARGV[4] reservation TTL (s), ARGV[5] reservation prefix. Ended or deleted jobs
-# and stale reservations are pruned; returns 1 when the reservation was added, 0 when the quota is full.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1])
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local active = 0
-for i = 1, #members, 2 do
-  local id = members[i]
-  local added = tonumber(members[i + 1])
-  local live
-  if string.sub(id, 1, #ARGV[5]) == ARGV[5] then
-    live = now - added < tonumber(ARGV[4])
-  else
-    local status = redis.call('HGET', ARGV[3] .. id, 'status')
-    live = status == '"queued"' or status == '"in_progress"'
-  end
-  if live then active = active + 1 else redis.call('ZREM', KEYS[1], id) end
-end
-if active >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-return 1
-"""
+
+# Connections of one API process to count rates: a burst of requests waits for a free one (up to the socket
+# timeout) instead of opening hundreds.
+_RATE_CONNECTIONS = 32
 
 
-@lru_cache(maxsize=8)
-def _scripts(redis: Redis) -> tuple[Script, Script]:
-    return redis.register_script(_GCRA), redis.register_script(_RESERVE)
+class RateLimiter:
+    """The per-key rate, checked in the event loop (`require_api_key`, service/deps.py). The app opens one per
+    process for its lifetime (`create_app`'s lifespan) and closes it at shutdown."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=_RATE_CONNECTIONS,
+            timeout=REDIS_OPTIONS["socket_timeout"],
+            **REDIS_OPTIONS,
+        )
+        self.redis = Redis.from_pool(pool)
+        self._gcra = self.redis.register_script(_GCRA)
 
-def check_rate(redis: Redis, settings: Settings, scope: str) -> None:
-    """Count one request of `scope` against its rate.
+    async def check(self, scope: str) -> None:
+        """Count one request of `scope` against its rate.
 
-    Raises:
-        RateLimited: the key is over `rate_limit_per_s` with bursts of `rate_limit_burst`.
-    """
-    if scope == ANONYMOUS:
-        return
-    gcra, _ = _scripts(redis)
-    wait_ms = int(
-        gcra(keys=[key("rate", scope)], args=[1.0 / settings.rate_limit_per_s, settings.rate_limit_burst])
-    )
-    if wait_ms > 0:
-        raise RateLimited(max(1, math.ceil(wait_ms / 1000)))
+        Raises:
+            RateLimited: the key is over `rate_limit_per_s` with bursts of `rate_limit_burst`.
+        """
+        if scope == ANONYMOUS:
+            return
+        interval = 1.0 / self.settings.rate_limit_per_s
+        wait_ms = int(
+            await self._gcra(keys=[key("rate", scope)], args=[interval, self.settings.rate_limit_burst])
+        )
+        if wait_ms > 0:
+            raise RateLimited(max(1, math.ceil(wait_ms / 1000)))
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
 
 
 def submit_job(
     jobs: Jobs, submission: Submission, *, idempotency_key: str | None, scope: str
-) -> tuple[JobRecord, bool]:
-    """`Jobs.submit` within the caller's concurrent-job quota, after the webhook URL's SSRF check.
-
-    A replay of an Idempotency-Key the caller already used costs no slot (it creates nothing).
+) -> tuple[JobRecord, bool, QueueView]:
+    """`Jobs.submit` within the caller's concurrent-job quota (none with authentication disabled), after the
+    webhook URL's SSRF check. A replay of an Idempotency-Key the caller already used costs no slot (it creates
+    nothing).
 
     Raises:
         InvalidField: the webhook URL is refused.
@@ -144,44 +123,12 @@ def submit_job(
     settings = jobs.settings
     if submission.webhook_url is not None:
         check_webhook_url(settings, submission.webhook_url)
-    # The key layout of Jobs.submit's idempotency records (service/queue.py).
-    if scope == ANONYMOUS or (
-        idempotency_key is not None and jobs.redis.exists(key("idem", scope, _sha256(idempotency_key)))
-    ):
-        return jobs.submit(submission, idempotency_key=idempotency_key, scope=scope)
-    active = key("active", scope)
-    reservation = f"{_RESERVATION_PREFIX}{uuid.uuid4()}"
-    _, reserve = _scripts(jobs.redis)
-    admitted = reserve(
-        keys=[active],
-        args=[
-            settings.max_active_jobs_per_key,
-            reservation,
-            key("job", ""),
-            _RESERVATION_TTL_S,
-            _RESERVATION_PREFIX,
-        ],
+    return jobs.submit(
+        submission,
+        idempotency_key=idempotency_key,
+        scope=scope,
+        max_active=None if scope == ANONYMOUS else settings.max_active_jobs_per_key,
     )
-    if not admitted:
-        metrics.count_job_rejected(submission.model, "quota_exceeded")
-        average = jobs.average_run_s(submission.model)
-        retry = _DEFAULT_QUOTA_RETRY_S if average is None else max(1, math.ceil(average))
-        raise QuotaExceeded(settings.max_active_jobs_per_key, retry)
-    try:
-        record, replayed = jobs.submit(submission, idempotency_key=idempotency_key, scope=scope)
-    except BaseException:
-        jobs.redis.zrem(active, reservation)
-        raise
-    with jobs.redis.pipeline() as pipe:
-        pipe.zrem(active, reservation)
-        if not replayed:
-            pipe.zadd(active, {record.id: record.created_at})
-        pipe.execute()
-    return record, replayed
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def error_response(

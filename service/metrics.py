@@ -82,6 +82,11 @@ GPU_MEMORY_BUCKETS_BYTES = tuple(
 # to clients inside the text_encode progress stage).
 STAGES: tuple[str, ...] = ("text_encode", "image_encode", "denoise", "vae_decode", "encode_mp4")
 WORKER_STATES: tuple[WorkerState, ...] = get_args(WorkerState)
+
+
+def stages_of(mode: str) -> tuple[str, ...]:
+    """The timed stages a job of this mode ("t2v" | "i2v") runs: image_encode is I2V's alone."""
+    return tuple(stage for stage in STAGES if mode == "i2v" or stage != "image_encode")
 WebhookDeliveryStatus = Literal["delivered", "retrying", "failed"]
 WEBHOOK_DELIVERY_STATUSES: tuple[WebhookDeliveryStatus, ...] = get_args(WebhookDeliveryStatus)
 # Every (status, code) a job can end with; "" is the code of a completed job (Prometheus drops empty labels).
@@ -259,7 +264,7 @@ def init_worker_series(model: str) -> None:
     mode = from_name(model).mode
     JOB_LATENCY.labels(model, mode)
     QUEUE_WAIT.labels(model, mode)
-    for stage in STAGES:
+    for stage in stages_of(mode):
         STAGE_DURATION.labels(model, stage)
     DENOISE_STEP_DURATION.labels(model)
     JOB_GPU_MEMORY_PEAK.labels(model)

@@ -10,6 +10,11 @@ Two layers, each with one job:
   records it, so RQ's retry fires only when the worker process is lost (SIGKILL, cold shutdown); the
   `on_failure` callback then moves the record back to `queued` or, on the second loss, to `worker_lost`.
 
+A submission is one Lua script (`_SUBMIT`) and so one round trip: the key's quota, the queue-depth admission,
+our record with its indexes, and the RQ job (the hash and queue push RQ's own enqueue writes, built by RQ's
+`Queue.create_job`), all or nothing. A 202 therefore means the job is in Redis and in its queue, and no burst
+can pass `queue_max_depth` or a quota.
+
 Terminal transitions are appended to the `td:events` stream (id, status, code): the seam for webhooks and
 metrics, which read it instead of hooking into every code path that ends a job.
 """
@@ -39,6 +44,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
+from rq.utils import now as rq_now
 
 from engine.configs import ModelSpec, from_name
 from service import metrics
@@ -92,6 +98,8 @@ DEADLINES = key("deadlines")  # zset: job id → deadline (the janitor expires q
 WORKERS = key("workers")  # set of worker names; each has key("worker", name) with a TTL
 EVENTS = key("events")  # stream of terminal transitions
 JANITOR_LOCK = key("janitor")
+# Retry-After for a full quota when the model has no measured run time yet.
+_DEFAULT_QUOTA_RETRY_S = 10
 
 
 # --- Errors the routes map to HTTP --------------------------------------------------------------------------
@@ -108,6 +116,14 @@ class JobConflict(RuntimeError):
 class QueueFull(RuntimeError):
     def __init__(self, model: str, retry_after_s: int) -> None:
         super().__init__(f"the queue of {model} is full; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(RuntimeError):
+    """The API key already has its `max_active_jobs_per_key` queued or running jobs (429 quota_exceeded)."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"this API key already has {limit} queued or running jobs, its limit")
         self.retry_after_s = retry_after_s
 
 
@@ -173,6 +189,11 @@ def jobs_index(owner: str) -> str:
     return JOBS_INDEX if owner == ANONYMOUS else key("jobs", owner)
 
 
+def active_jobs(owner: str) -> str:
+    """The zset of `owner`'s queued and running jobs (job id → created_at): its concurrent-job quota."""
+    return key("active", owner)
+
+
 def _encode_fields(fields: dict[str, Any]) -> list[str]:
     flat: list[str] = []
     for name, value in fields.items():
@@ -197,6 +218,69 @@ if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
 if ARGV[3] ~= '' then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
 return 1
 """
+
+# One submission in one round trip and one atomic step: the owner's quota, the queue-depth admission, our
+# record, the indexes, and the RQ job with its queue push (the writes RQ's `Queue.enqueue_job` makes for a job
+# without dependencies: the job hash, the queue in RQ's set of queues, RPUSH of the id).
+# KEYS[1] RQ queue, KEYS[2] job hash, KEYS[3] RQ job hash, KEYS[4] RQ's set of queues, KEYS[5] index of every
+# job, KEYS[6] owner's index, KEYS[7] deadlines, KEYS[8] owner's active jobs, KEYS[9] the model's stats.
+# ARGV[1] queue_max_depth, ARGV[2] max active jobs of the owner (0: no quota), ARGV[3] job id, ARGV[4] RQ job
+# id, ARGV[5] created_at, ARGV[6] deadline ('' none), ARGV[7] job-hash key prefix, ARGV[8] count of job-hash
+# arguments, then the job hash's field/value pairs, then the RQ job hash's.
+# Returns {outcome, count, run_s, pixel_frame_s}: outcome 0 queued (count: its 0-based queue position),
+# 1 quota full (count: the owner's active jobs), 2 queue full (count: the queue depth).
+_SUBMIT = """
+local stats = redis.call('HMGET', KEYS[9], 'run_s', 'pixel_frame_s')
+local limit = tonumber(ARGV[2])
+if limit > 0 and redis.call('ZCARD', KEYS[8]) >= limit then
+  -- Jobs leave the zset when they end (Jobs._after_terminal); before refusing, drop any that a crash between
+  -- a job's end and that removal left behind, so the count is exact whenever it decides.
+  local active = 0
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[8], 0, -1)) do
+    local status = redis.call('HGET', ARGV[7] .. id, 'status')
+    if status == '"queued"' or status == '"in_progress"' then
+      active = active + 1
+    else
+      redis.call('ZREM', KEYS[8], id)
+    end
+  end
+  if active >= limit then return {1, active, stats[1], stats[2]} end
+end
+local depth = redis.call('LLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return {2, depth, stats[1], stats[2]} end
+local split = 8 + tonumber(ARGV[8])
+redis.call('HSET', KEYS[2], unpack(ARGV, 9, split))
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[3])
+if KEYS[6] ~= KEYS[5] then redis.call('ZADD', KEYS[6], ARGV[5], ARGV[3]) end
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[7], ARGV[6], ARGV[3]) end
+if limit > 0 then redis.call('ZADD', KEYS[8], ARGV[5], ARGV[3]) end
+redis.call('SADD', KEYS[4], KEYS[1])
+redis.call('HSET', KEYS[3], unpack(ARGV, split + 1))
+local length = redis.call('RPUSH', KEYS[1], ARGV[4])
+return {0, length - 1, stats[1], stats[2]}
+"""
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """A model's measured averages (`Jobs.record_run_time`): seconds per run and per pixel-frame."""
+
+    run_s: float | None = None
+    pixel_frame_s: float | None = None
+
+    @classmethod
+    def parse(cls, run_s: str | None, pixel_frame_s: str | None) -> ModelStats:
+        return cls(
+            None if run_s is None else float(run_s), None if pixel_frame_s is None else float(pixel_frame_s)
+        )
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """What a job's reply reads besides its record: its queue position (queued jobs) and its model's stats."""
+
+    position: int | None
+    stats: ModelStats
 
 
 # --- Submissions --------------------------------------------------------------------------------------------
@@ -455,12 +539,19 @@ def job_timeout_s(settings: Settings, spec: ModelSpec, params: dict[str, Any]) -
 # --- The job store ------------------------------------------------------------------------------------------
 
 
+# Every Redis client of the service (service/limits.py's asyncio one too).
+REDIS_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 2,
+    "socket_timeout": 10,
+    "health_check_interval": 30,
+}
+
+
 def connect(settings: Settings) -> tuple[Redis, Redis]:
     """(text client for our keys, bytes client for RQ, which needs undecoded replies)."""
-    options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 30}
     return (
-        Redis.from_url(settings.redis_url, decode_responses=True, **options),
-        Redis.from_url(settings.redis_url, **options),
+        Redis.from_url(settings.redis_url, decode_responses=True, **REDIS_OPTIONS),
+        Redis.from_url(settings.redis_url, **REDIS_OPTIONS),
     )
 
 
@@ -473,6 +564,8 @@ class Jobs:
         self.rq_redis = rq_redis
         self.storage = storage
         self._cas = redis.register_script(_CAS)
+        self._submit = redis.register_script(_SUBMIT)
+        self._queues: dict[str, Queue] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Jobs:
@@ -480,7 +573,10 @@ class Jobs:
         return cls(settings, redis, rq_redis, Storage(settings.storage_dir))
 
     def queue(self, model: str) -> Queue:
-        return Queue(model, connection=self.rq_redis, serializer=JSONSerializer)
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = self._queues[model] = Queue(model, connection=self.rq_redis, serializer=JSONSerializer)
+        return queue
 
     # --- record access ---
 
@@ -532,9 +628,11 @@ class Jobs:
         }
 
     def _after_terminal(self, record: JobRecord) -> None:
-        """After a job ended: forget its deadline, publish the event, fold its run time into the ETA."""
+        """After a job ended: forget its deadline, free its quota slot, publish the event, fold its run time into
+        the ETA."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrem(DEADLINES, record.id)
+            pipe.zrem(active_jobs(record.owner), record.id)  # its quota slot is free
             pipe.xadd(
                 EVENTS,
                 {
@@ -576,25 +674,35 @@ class Jobs:
     # --- submission ---
 
     def submit(
-        self, submission: Submission, *, idempotency_key: str | None = None, scope: str = ANONYMOUS
-    ) -> tuple[JobRecord, bool]:
-        """Create and enqueue a job owned by `scope`; returns (record, replayed). With an Idempotency-Key
-        (kept per scope), the same key and body return the first job (replayed=True) and a different body
-        raises JobConflict."""
+        self,
+        submission: Submission,
+        *,
+        idempotency_key: str | None = None,
+        scope: str = ANONYMOUS,
+        max_active: int | None = None,
+    ) -> tuple[JobRecord, bool, QueueView]:
+        """Create and enqueue a job owned by `scope`; returns (record, replayed, its queue view). With an
+        Idempotency-Key (kept per scope), the same key and body return the first job (replayed=True: it takes
+        no quota slot) and a different body raises JobConflict.
+
+        Raises:
+            QuotaExceeded: `scope` already has `max_active` queued or running jobs.
+            QueueFull: the model's queue holds `queue_max_depth` jobs.
+        """
         job_id = str(uuid.uuid4())
         idem_key = None
         if idempotency_key is not None:
             idem_key = key("idem", scope, hashlib.sha256(idempotency_key.encode()).hexdigest())
             existing = self._claim_idempotency_key(idem_key, job_id, submission.fingerprint)
             if existing is not None:
-                return existing, True
+                return existing, True, self.queue_view(existing)
         try:
-            record = self._create(job_id, submission, idem_key, scope)
+            record, view = self._create(job_id, submission, idem_key, scope, max_active)
         except BaseException:
             if idem_key is not None:
                 self.redis.delete(idem_key)
             raise
-        return record, False
+        return record, False, view
 
     def _claim_idempotency_key(self, idem_key: str, job_id: str, fingerprint: str) -> JobRecord | None:
         value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
@@ -616,12 +724,9 @@ class Jobs:
                 self.redis.delete(idem_key)
         raise JobConflict("Idempotency-Key is in use by a request that is still being processed")
 
-    def _create(self, job_id: str, submission: Submission, idem_key: str | None, owner: str) -> JobRecord:
-        queue = self.queue(submission.model)
-        depth = queue.count
-        if depth >= self.settings.queue_max_depth:
-            metrics.count_job_rejected(submission.model, "queue_full")
-            raise QueueFull(submission.model, self.retry_after_s(submission.model, depth))
+    def _create(
+        self, job_id: str, submission: Submission, idem_key: str | None, owner: str, max_active: int | None
+    ) -> tuple[JobRecord, QueueView]:
         spec = from_name(submission.model)
         now = time.time()
         image_file = None
@@ -645,21 +750,51 @@ class Jobs:
             idempotency_key=idem_key,
             owner=owner,
         )
-        with self.rq_redis.pipeline() as pipe:
-            # MULTI first: RQ's enqueue calls multi() itself on a pipeline that is not in a transaction yet.
-            pipe.multi()
-            pipe.hset(key("job", job_id), mapping=record.encode())  # type: ignore[arg-type]
-            pipe.zadd(JOBS_INDEX, {job_id: now})
-            if owner != ANONYMOUS:
-                pipe.zadd(jobs_index(owner), {job_id: now})
-            if record.deadline_at is not None:
-                pipe.zadd(DEADLINES, {job_id: record.deadline_at})
-            self._enqueue(record, pipe)
-            pipe.execute()
-        return record
+        queue = self.queue(record.model)
+        rq_job = self._rq_job(record)
+        rq_job.enqueued_at = rq_now()  # what Queue.enqueue_job stamps (its status is already queued)
+        job_fields = [item for pair in record.encode().items() for item in pair]
+        rq_fields = [item for pair in rq_job.to_dict().items() for item in pair]
+        outcome, count, run_s, pixel_frame_s = self._submit(
+            keys=[
+                queue.key,
+                key("job", job_id),
+                rq_job.key,
+                queue.redis_queues_keys,
+                JOBS_INDEX,
+                jobs_index(owner),
+                DEADLINES,
+                active_jobs(owner),
+                key("stats", record.model),
+            ],
+            args=[
+                self.settings.queue_max_depth,
+                max_active or 0,
+                job_id,
+                record.rq_job_id,
+                now,
+                "" if record.deadline_at is None else record.deadline_at,
+                key("job", ""),
+                len(job_fields),
+                *job_fields,
+                *rq_fields,
+            ],
+        )
+        stats = ModelStats.parse(run_s, pixel_frame_s)
+        if outcome == 0:
+            return record, QueueView(count, stats)
+        if image_file is not None:
+            self.storage.delete(job_id)
+        if outcome == 1:
+            metrics.count_job_rejected(record.model, "quota_exceeded")
+            retry = _DEFAULT_QUOTA_RETRY_S if stats.run_s is None else max(1, math.ceil(stats.run_s))
+            raise QuotaExceeded(max_active or 0, retry)
+        metrics.count_job_rejected(record.model, "queue_full")
+        raise QueueFull(record.model, self.retry_after_s(record.model, count, stats))
 
-    def _enqueue(self, record: JobRecord, pipe: Any, *, at_front: bool = False) -> None:
-        self.queue(record.model).enqueue_call(
+    def _rq_job(self, record: JobRecord) -> Job:
+        """The RQ job that runs `record` (status queued, not yet written)."""
+        return self.queue(record.model).create_job(
             JOB_FUNCTION,
             args=[record.id],
             job_id=record.rq_job_id,
@@ -668,8 +803,6 @@ class Jobs:
             failure_ttl=self.settings.result_ttl_s,
             retry=Retry(max=1),
             on_failure=Callback(FAILURE_CALLBACK),
-            at_front=at_front,
-            pipeline=pipe,
             description=f"{record.model} job {record.id}",
         )
 
@@ -715,6 +848,7 @@ class Jobs:
             pipe.zrem(JOBS_INDEX, record.id)
             pipe.zrem(jobs_index(record.owner), record.id)
             pipe.zrem(DEADLINES, record.id)
+            pipe.zrem(active_jobs(record.owner), record.id)
             pipe.execute()
         if record.status != JobStatus.in_progress:  # a running RQ job is the worker's; RQ's TTLs clear it
             try:
@@ -798,30 +932,29 @@ class Jobs:
             average = value if old is None else 0.8 * float(old) + 0.2 * value
             self.redis.hset(stats, name, f"{average:.9g}")
 
-    def average_run_s(self, model: str) -> float | None:
-        value = self.redis.hget(key("stats", model), "run_s")
-        return None if value is None else float(value)
+    def model_stats(self, model: str) -> ModelStats:
+        return ModelStats.parse(*self.redis.hmget(key("stats", model), ["run_s", "pixel_frame_s"]))
 
-    def estimated_run_s(self, record: JobRecord) -> float | None:
+    @staticmethod
+    def estimated_run_s(record: JobRecord, stats: ModelStats) -> float | None:
         """This job's run time from the model's seconds per pixel-frame, else its average run time."""
-        rate = self.redis.hget(key("stats", record.model), "pixel_frame_s")
-        if rate is None:
-            return self.average_run_s(record.model)
-        return float(rate) * _pixel_frames(record)
+        if stats.pixel_frame_s is None:
+            return stats.run_s
+        return stats.pixel_frame_s * _pixel_frames(record)
 
-    def retry_after_s(self, model: str, depth: int) -> int:
+    def retry_after_s(self, model: str, depth: int, stats: ModelStats) -> int:
         """Seconds until the queue has drained one slot's worth, for 429 Retry-After (1 s … 1 h)."""
-        average = self.average_run_s(model)
-        workers = max(1, self._serving_workers(model))
-        estimate = (
-            30.0 if average is None else average * max(1, depth - self.settings.queue_max_depth + 1) / workers
-        )
+        if stats.run_s is None:
+            estimate = 30.0
+        else:
+            workers = max(1, self._serving_workers(model))
+            estimate = stats.run_s * max(1, depth - self.settings.queue_max_depth + 1) / workers
         return int(min(3600, max(1, math.ceil(estimate))))
 
     def _serving_workers(self, model: str) -> int:
         return sum(1 for w in self.workers() if w.model == model and w.state in ("READY", "BUSY"))
 
-    def eta_s(self, record: JobRecord, position: int | None) -> float | None:
+    def eta_s(self, record: JobRecord, view: QueueView) -> float | None:
         """Seconds until the video is ready; None while there is nothing to estimate from.
 
         In progress: its estimated run time minus the time it has run; once past that estimate, elapsed ×
@@ -832,33 +965,45 @@ class Jobs:
             return 0.0
         if record.status.is_terminal:
             return None
-        estimate = self.estimated_run_s(record)
+        estimate = self.estimated_run_s(record, view.stats)
         if record.status == JobStatus.in_progress and record.started_at is not None:
             elapsed = time.time() - record.started_at
             if estimate is not None and estimate > elapsed:
                 return estimate - elapsed
             return elapsed * (100 - record.progress) / record.progress if record.progress >= 5 else None
-        average = self.average_run_s(record.model)
-        workers = self._serving_workers(record.model)
-        if estimate is None or average is None or workers == 0:
+        average = view.stats.run_s
+        if estimate is None or average is None:
             return None
-        return estimate + average * ((position or 0) + 0.5) / workers
+        workers = self._serving_workers(record.model)
+        if workers == 0:
+            return None
+        return estimate + average * ((view.position or 0) + 0.5) / workers
 
     @staticmethod
     def poll_after_ms(eta_s: float | None) -> int:
         """The `openai-poll-after-ms` hint: a tenth of the ETA, between 0.5 s and 10 s."""
         return 1000 if eta_s is None else int(min(10_000, max(500, eta_s * 100)))
 
-    def queue_position(self, record: JobRecord) -> int | None:
-        if record.status != JobStatus.queued:
-            return None
-        position = self.queue(record.model).get_job_position(record.rq_job_id)
-        return 0 if position is None else position  # None: a worker has popped it and is about to claim it
+    def queue_view(self, record: JobRecord) -> QueueView:
+        """The job's queue position (queued jobs) and its model's stats, in one round trip (none for an ended
+        job, whose reply needs neither)."""
+        if record.status.is_terminal:
+            return QueueView(None, ModelStats())
+        queued = record.status == JobStatus.queued
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(key("stats", record.model), ["run_s", "pixel_frame_s"])
+            if queued:
+                pipe.lpos(self.queue(record.model).key, record.rq_job_id)  # RQ's get_job_position
+            replies = pipe.execute()
+        position = None
+        if queued:  # not in the list: a worker has popped it and is about to claim it
+            position = 0 if replies[1] is None else int(replies[1])
+        return QueueView(position, ModelStats.parse(*replies[0]))
 
     # --- API objects ---
 
-    def to_job_public(self, record: JobRecord) -> JobPublic:
-        position = self.queue_position(record)
+    def to_job_public(self, record: JobRecord, view: QueueView | None = None) -> JobPublic:
+        view = self.queue_view(record) if view is None else view
         return JobPublic(
             id=record.id,
             model=record.model,
@@ -866,8 +1011,8 @@ class Jobs:
             status=record.status,
             stage=record.stage,
             progress=100 if record.status == JobStatus.completed else record.progress,
-            queue_position=position,
-            eta_seconds=self.eta_s(record, position),
+            queue_position=view.position,
+            eta_seconds=self.eta_s(record, view),
             prompt=record.prompt,
             width=record.params["width"],
             height=record.params["height"],
@@ -888,8 +1033,8 @@ class Jobs:
             metadata=record.metadata,
         )
 
-    def to_video_public(self, record: JobRecord) -> VideoPublic:
-        position = self.queue_position(record)
+    def to_video_public(self, record: JobRecord, view: QueueView | None = None) -> VideoPublic:
+        view = self.queue_view(record) if view is None else view
         status = {JobStatus.expired: "failed"}.get(record.status, record.status.value)
         width, height = record.params["width"], record.params["height"]
         return VideoPublic(
@@ -907,8 +1052,8 @@ class Jobs:
             if record.error_code is None
             else VideoError(code=record.error_code, message=record.error_message or ""),
             stage=record.stage,
-            queue_position=position,
-            eta_seconds=self.eta_s(record, position),
+            queue_position=view.position,
+            eta_seconds=self.eta_s(record, view),
             seed=record.params["seed"],
             num_frames=record.params["num_frames"],
             fps=record.fps,
@@ -1085,9 +1230,11 @@ class Jobs:
         }
         if not self._update(record.id, fields, when=(JobStatus.in_progress,), attempts=record.attempts):
             return False
+        rq_job = self._rq_job(record.model_copy(update=fields))
         with self.rq_redis.pipeline() as pipe:
+            # MULTI first: RQ's enqueue calls multi() itself on a pipeline that is not in a transaction yet.
             pipe.multi()
-            self._enqueue(record.model_copy(update=fields), pipe, at_front=True)
+            self.queue(record.model).enqueue_job(rq_job, pipeline=pipe, at_front=True)
             pipe.execute()
         log.info("job %s requeued (worker stopping)", record.id)
         return True

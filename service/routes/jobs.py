@@ -5,6 +5,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import ApiKeyDep, JobsDep, SettingsDep
 from service.routes.common import VIDEO_RESPONSE, errors, video_response
@@ -32,9 +33,10 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=errors(401, 404, 422, 503))
-def get_job(job_id: UUID, jobs: JobsDep, scope: ApiKeyDep, response: Response) -> JobPublic:
+async def get_job(job_id: UUID, jobs: JobsDep, scope: ApiKeyDep, response: Response) -> JobPublic:
     """Status, stage, progress, queue position, ETA and timings of a job."""
-    job = jobs.to_job_public(jobs.get(str(job_id), scope=scope))
+    # One threadpool hop for Redis (a sync route takes a second one to validate the reply).
+    job = await run_in_threadpool(lambda: jobs.to_job_public(jobs.get(str(job_id), scope=scope)))
     response.headers["openai-poll-after-ms"] = str(jobs.poll_after_ms(job.eta_seconds))
     return job
 

@@ -7,12 +7,14 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import ApiKeyDep, IdempotencyKey, JobsDep, SettingsDep, VideoBody
 from service.limits import submit_job
-from service.queue import submission_from_video
+from service.queue import Jobs, submission_from_video
 from service.routes.common import VIDEO_RESPONSE, errors, request_body, video_response
-from service.schemas import VideoDeleted, VideoPublic, VideosPublic
+from service.schemas import VideoCreateRequest, VideoDeleted, VideoPublic, VideosPublic
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
@@ -24,7 +26,7 @@ router = APIRouter(prefix="/v1/videos", tags=["videos"])
     openapi_extra=request_body("VideoCreateRequest", "VideoCreateForm"),
     responses=errors(400, 401, 409, 413, 415, 422, 429, 503),  # 400: malformed multipart
 )
-def create_video(
+async def create_video(
     body: VideoBody,
     jobs: JobsDep,
     settings: SettingsDep,
@@ -34,16 +36,28 @@ def create_video(
 ) -> VideoPublic:
     """Create a video (OpenAI `videos.create`; multipart with `input_reference` as a file, or JSON)."""
     request, upload = body
-    record, replayed = submit_job(
-        jobs,
-        submission_from_video(settings, request, upload),
-        idempotency_key=idempotency_key,
-        scope=scope,
+    # The blocking part in one threadpool hop: for a sync route FastAPI takes a second one to validate the reply.
+    video, replayed = await run_in_threadpool(
+        _create, jobs, settings, request, upload, idempotency_key, scope
     )
-    response.headers["Location"] = f"/v1/videos/{record.id}"
+    response.headers["Location"] = f"/v1/videos/{video.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return jobs.to_video_public(record)
+    return video
+
+
+def _create(
+    jobs: Jobs,
+    settings: Settings,
+    request: VideoCreateRequest,
+    upload: bytes | None,
+    idempotency_key: str | None,
+    scope: str,
+) -> tuple[VideoPublic, bool]:
+    """Image checks, the submission and the reply's queue position and ETA (Redis)."""
+    submission = submission_from_video(settings, request, upload)
+    record, replayed, view = submit_job(jobs, submission, idempotency_key=idempotency_key, scope=scope)
+    return jobs.to_video_public(record, view), replayed
 
 
 @router.get("", response_model=VideosPublic, responses=errors(401, 422, 503))
@@ -68,9 +82,10 @@ def list_videos(
 
 
 @router.get("/{video_id}", response_model=VideoPublic, responses=errors(401, 404, 422, 503))
-def retrieve_video(video_id: UUID, jobs: JobsDep, scope: ApiKeyDep, response: Response) -> VideoPublic:
+async def retrieve_video(video_id: UUID, jobs: JobsDep, scope: ApiKeyDep, response: Response) -> VideoPublic:
     """The video object; `openai-poll-after-ms` tells pollers when to ask again."""
-    video = jobs.to_video_public(jobs.get(str(video_id), scope=scope))
+    # One threadpool hop for Redis (a sync route takes a second one to validate the reply).
+    video = await run_in_threadpool(lambda: jobs.to_video_public(jobs.get(str(video_id), scope=scope)))
     response.headers["openai-poll-after-ms"] = str(jobs.poll_after_ms(video.eta_seconds))
     return video
 

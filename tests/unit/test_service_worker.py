@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def submission(settings: Settings, **fields: Any) -> Submission:
 
 
 def submit(jobs: Jobs, settings: Settings, **fields: Any) -> str:
-    record, _ = jobs.submit(submission(settings, **fields))
+    record, _, _ = jobs.submit(submission(settings, **fields))
     return record.id
 
 
@@ -117,7 +118,7 @@ def test_worker_writes_progress_at_every_denoising_step(
     info = probe_mp4(jobs.storage.video_path(job_id))
     assert (info["num_frames"], info["width"], info["height"]) == (5, 160, 96)
     assert runtime.state == "READY" and runtime.current_job is None
-    assert jobs.average_run_s("tiny-t2v") is not None
+    assert jobs.model_stats("tiny-t2v").run_s is not None
 
 
 def test_worker_stops_at_the_next_step_when_canceled(
@@ -228,7 +229,7 @@ def test_warm_stop_past_its_grace_requeues_the_job_at_the_front(
     assert execute(runtime, running) == "requeued"
     record = jobs.get(running)
     assert record.status == JobStatus.queued and record.attempts == 1 and record.rq_job_id == f"{running}-2"
-    assert jobs.queue_position(record) == 0 and jobs.queue_position(jobs.get(waiting)) == 1
+    assert jobs.queue_view(record).position == 0 and jobs.queue_view(jobs.get(waiting)).position == 1
     runtime.stop_deadline = None
     assert execute(runtime, running) == "completed" and jobs.get(running).attempts == 2
 
@@ -253,13 +254,15 @@ def test_eta_follows_the_models_measured_speed(jobs: Jobs, settings: Settings) -
     jobs.record_run_time("tiny-t2v", 2.0, pixel_frames=5 * 160 * 96)  # 2 s for a 5-frame 160x96 job
     job_id = submit(jobs, settings, num_frames=9)
     record = jobs.get(job_id)
-    assert jobs.eta_s(record, 0) is None  # no worker serves the model yet
+    view = jobs.queue_view(record)
+    assert view.position == 0 and view.stats.run_s == pytest.approx(2.0)
+    assert jobs.eta_s(record, view) is None  # no worker serves the model yet
     jobs.publish_worker(WorkerPublic(id="w", model="tiny-t2v", state="READY", device="cpu", current_job=None,
                                      last_heartbeat=None, metrics_url=None), ttl_s=60)
     # Its own run (9/5 of the measured job) plus half an average run for the job the worker holds now.
-    assert jobs.eta_s(record, 0) == pytest.approx(2.0 * 9 / 5 + 2.0 * 0.5)
-    assert jobs.eta_s(record, 2) == pytest.approx(2.0 * 9 / 5 + 2.0 * 2.5)
+    assert jobs.eta_s(record, view) == pytest.approx(2.0 * 9 / 5 + 2.0 * 0.5)
+    assert jobs.eta_s(record, replace(view, position=2)) == pytest.approx(2.0 * 9 / 5 + 2.0 * 2.5)
     running = jobs.claim(job_id, record.rq_job_id, "w")
     assert running is not None
-    eta = jobs.eta_s(running, None)
+    eta = jobs.eta_s(running, jobs.queue_view(running))
     assert eta is not None and 3.0 < eta <= 2.0 * 9 / 5
