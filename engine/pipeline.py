@@ -42,7 +42,7 @@ from engine.sampling import (
     unipc_expert_schedule,
     unipc_sample,
 )
-from engine.video import frames_from_video
+from engine.video import frames_from_video, uint8_frames
 
 STAGES: tuple[str, ...] = ("text_encode", "denoise", "vae_decode")
 
@@ -353,10 +353,29 @@ class Pipeline:
         return np.concatenate(list(self.decode_frames(latent)), axis=0)
 
     def decode_frames(self, latent: torch.Tensor) -> Iterator[np.ndarray]:
-        """Decoded uint8 frames chunk by chunk (1, then 4 per latent frame), for streaming to the encoder."""
+        """Decoded uint8 frames chunk by chunk (1, then 4 per latent frame), for streaming to the encoder.
+
+        On CUDA a chunk's copy to the host is asynchronous (pinned memory) and the chunk is handed out once the
+        next one has been queued, so the GPU does not idle while the host takes the frames.
+        """
         vae_dtype = next(self.vae.parameters()).dtype
+        pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
         for chunk in self.vae.decode_frames(latent.to(vae_dtype)):
-            yield frames_from_video(chunk[0])
+            if not chunk.is_cuda:
+                yield frames_from_video(chunk[0])
+                continue
+            pixels = uint8_frames(chunk[0])
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            if pending is not None:
+                pending[1].synchronize()
+                yield pending[0].numpy()
+            pending = (host, copied)
+        if pending is not None:
+            pending[1].synchronize()
+            yield pending[0].numpy()
 
     @contextmanager
     def _timed(self, timings: dict[str, float], stage: str) -> Iterator[None]:

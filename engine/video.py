@@ -55,10 +55,16 @@ def frames_from_video(video: torch.Tensor) -> np.ndarray:
         if video.shape[0] != 1:
             raise ValueError(f"expected one sample, got a batch of {video.shape[0]}; index the batch first")
         video = video[0]
+    return uint8_frames(video).cpu().numpy()
+
+
+def uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """`frames_from_video` without the trip to the host: [3, F, H, W] in [-1, 1] → [F, H, W, 3] uint8 tensor on
+    the video's device (the caller chooses how and when to copy it)."""
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a video [3, F, H, W] or [1, 3, F, H, W], got {tuple(video.shape)}")
     pixels = ((video.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
-    return pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()  # [3, F, H, W] -> [F, H, W, 3]
+    return pixels.permute(1, 2, 3, 0).contiguous()  # [3, F, H, W] -> [F, H, W, 3]
 
 
 def write_mp4(
