@@ -101,10 +101,8 @@ def profile_dit(pipe: Pipeline, width: int, height: int, frames: int, repeats: i
     return {"call_s_median": statistics.median(times), "call_s_all": times, **kernel_summary(call)}
 
 
-def profile_vae(pipe: Pipeline, width: int, height: int, frames: int, repeats: int, channels_last: bool) -> dict[str, object]:
+def profile_vae(pipe: Pipeline, width: int, height: int, frames: int, repeats: int) -> dict[str, object]:
     latent = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="cuda")
-    if channels_last:
-        latent = latent.contiguous(memory_format=torch.channels_last_3d)
 
     def call() -> None:
         with torch.no_grad():
@@ -125,17 +123,12 @@ def main() -> None:
     parser.add_argument("--attention", default="sagesla")
     parser.add_argument("--quant", default="w8a8")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--vae-channels-last", action="store_true", help="VAE weights in channels_last_3d")
-    parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     spec = from_name(args.model)
     width, height = spec.resolution(args.size, "16:9")
     pipe = Pipeline.load(args.model, random_weights=True, device="cuda", attention=args.attention,
                          quant=None if args.quant == "none" else args.quant)
-    if args.vae_channels_last:
-        pipe.vae.to(memory_format=torch.channels_last_3d)
     results: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                   "model": args.model, "width": width, "height": height, "frames": args.frames,
                                   "attention": args.attention, "quant": args.quant}
@@ -143,8 +136,7 @@ def main() -> None:
     if "dit" in parts:
         results["dit"] = profile_dit(pipe, width, height, args.frames, args.repeats)
     if "vae" in parts:
-        results["vae"] = profile_vae(pipe, width, height, args.frames, max(2, args.repeats // 2),
-                                      args.vae_channels_last)
+        results["vae"] = profile_vae(pipe, width, height, args.frames, max(2, args.repeats // 2))
     for part in ("dit", "vae"):
         if part in results:
             r = results[part]
