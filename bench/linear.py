@@ -2,8 +2,9 @@
 
 Per (M, K, N), in the same run and on the same random data (x ~ N(0, 1) with a few 10× outlier channels,
 w ~ N(0, 0.02)): bf16 cuBLAS (`torch.matmul`), `torch._int_mm`, cuBLAS FP8 `torch._scaled_mm` (per-tensor
-scales, fast accumulation, no quantization cost), and our Triton INT8 and FP8 block-128 paths, each timed for the
-activation quantizer alone, the GEMM alone and both (the number that counts). TOPS = 2·M·N·K / time; the
+scales, fast accumulation, no quantization cost), our Triton INT8 and FP8 block-128 paths, each timed for the
+activation quantizer alone, the GEMM alone and both (the number that counts), and the opt-in CUDA C++ INT8 GEMM
+(csrc/w8a8_gemm.cu) in each of its four variants. TOPS = 2·M·N·K / time; the
 relative error ‖y − y_fp32‖ / ‖y_fp32‖ is against the float Linear computed in fp32. Also: the device copy rate
 (the memory ceiling) and the fused LayerNorm+modulate against it, and the wgmma instructions in the chosen
 kernels' SASS. Timings are medians of `triton.testing.do_bench` (CUDA events, L2 flushed) after warm-up.
@@ -26,6 +27,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.ops import int8_linear as w8a8
+from engine.ops import w8a8_cuda
 from engine.ops.norms import layer_norm_modulate
 
 # (M, K, N): 1.3B-480P (32760 tokens) and 14B-720P (75600 tokens), the issue's list.
@@ -34,6 +36,7 @@ SHAPES = [
     (75600, 5120, 5120), (75600, 5120, 13824), (75600, 13824, 5120),
 ]
 QUICK_SHAPES = [(32760, 1536, 8960), (75600, 5120, 5120)]
+ENABLED_BY_USER = w8a8_cuda.ENABLED  # the CUDA kernel is opt-in; rows that time it flip the switch and restore it
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
@@ -96,9 +99,23 @@ def bench_shape(m: int, k: int, n: int) -> dict[str, object]:
     row["scaled_mm_ms"] = bench_ms(lambda: torch._scaled_mm(x8_t, w8_t, one, one, out_dtype=torch.bfloat16,
                                                             use_fast_accum=True))
 
-    # Ours, INT8 (the checkpoint format): activation quantizer + block-scaled GEMM.
-    y = w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)  # autotunes once
+    # Ours, INT8 (the checkpoint format): the Triton kernel, then each CUDA C++ variant (csrc/w8a8_gemm.cu).
+    w8a8_cuda.ENABLED = False
+    w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)  # autotunes once
     row["int8_config"] = str(w8a8._block_scaled_mm_autotuned.best_config)
+    row["triton_gemm_ms"] = bench_ms(lambda: w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16))
+    row["triton_ms"] = bench_ms(lambda: w8a8.int8_linear(x, wq, ws))
+    w8a8_cuda.ENABLED = True
+    row["cuda"] = w8a8_cuda.usable(xq, wq, None, y)
+    w8a8_cuda.ENABLED = ENABLED_BY_USER
+    if row["cuda"]:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        for variant in range(4):
+            row[f"cuda_v{variant}_ms"] = bench_ms(lambda variant=variant: w8a8_cuda.block_scaled_mm_cuda(
+                xq, xs, wq, ws, None, out, variant=variant))
+            row[f"cuda_v{variant}_tops"] = flops / row[f"cuda_v{variant}_ms"] / 1e9
+    # The default path (what Int8Linear runs): Triton, or the CUDA kernel where TDSERVE_CUDA_GEMM=1 and usable.
+    y = w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
     row["int8_quant_ms"] = bench_ms(lambda: w8a8.quantize_blockwise(x, "int8"))
     row["int8_gemm_ms"] = bench_ms(lambda: w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16))
     row["int8_ms"] = bench_ms(lambda: w8a8.int8_linear(x, wq, ws))
@@ -116,9 +133,10 @@ def bench_shape(m: int, k: int, n: int) -> dict[str, object]:
     row["fp8_ms"] = bench_ms(lambda: w8a8.fp8_linear(x, fq, fs))
     row["fp8_err"] = rel_error(w8a8.fp8_linear(x, fq, fs), ref)
 
-    for key in ("bf16", "int_mm", "scaled_mm", "int8_gemm", "int8", "fp8_gemm", "fp8"):
+    for key in ("bf16", "int_mm", "scaled_mm", "triton_gemm", "triton", "int8_gemm", "int8", "fp8_gemm", "fp8"):
         row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
     row["int8_speedup"] = row["bf16_ms"] / row["int8_ms"]
+    row["triton_speedup"] = row["bf16_ms"] / row["triton_ms"]
     row["fp8_speedup"] = row["bf16_ms"] / row["fp8_ms"]
     return row
 
@@ -140,11 +158,16 @@ def bench_ffn(m: int, d: int, f: int) -> dict[str, object]:
                                   "bf16_ms": bench_ms(lambda: bf16(x)),
                                   "int8_steps_ms": bench_ms(lambda: torch.nn.Sequential.forward(ffn, x)),
                                   "int8_fused_ms": bench_ms(lambda: ffn(x))}
+        w8a8_cuda.ENABLED = False
+        row["triton_fused_ms"] = bench_ms(lambda: ffn(x))
+        w8a8_cuda.ENABLED = True
+        row["cuda_fused_ms"] = bench_ms(lambda: ffn(x))
+        w8a8_cuda.ENABLED = ENABLED_BY_USER
         row["gelu_quant_config"] = str(w8a8._block_scaled_mm_gelu_quant_autotuned.best_config)
         row["bf16_err"] = rel_error(bf16(x), ref)
         row["int8_fused_err"] = rel_error(ffn(x), ref)
     flops = 4.0 * m * d * f
-    for key in ("bf16", "int8_steps", "int8_fused"):
+    for key in ("bf16", "int8_steps", "int8_fused", "triton_fused", "cuda_fused"):
         row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
     return row
 
@@ -190,12 +213,15 @@ def main() -> None:
     (args.out / "linear.json").write_text(json.dumps({**header, "copy_tbs": copy_tbs, "rows": rows,
                                                       "ffn": ffns, "norms": norms}, indent=1))
 
-    print("\n| M, K, N | bf16 cuBLAS | _int_mm | _scaled_mm fp8 | INT8 GEMM | INT8 +quant (×bf16) | FP8 GEMM "
+    print("\n| M, K, N | bf16 cuBLAS | _int_mm | _scaled_mm fp8 | Triton INT8 GEMM | Triton +quant (×bf16) "
+          "| CUDA v0 / v1 / v2 / v3 | INT8 GEMM | INT8 +quant (×bf16) | FP8 GEMM "
           "| FP8 +quant (×bf16) | err bf16 / int8 / fp8 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        cuda = " / ".join(f"{r[f'cuda_v{v}_tops']:.0f}" for v in range(4)) if r["cuda"] else "–"
         print(f"| {r['M']}, {r['K']}, {r['N']} | {r['bf16_tops']:.0f} | {r['int_mm_tops']:.0f} | "
-              f"{r['scaled_mm_tops']:.0f} | {r['int8_gemm_tops']:.0f} | {r['int8_tops']:.0f} "
+              f"{r['scaled_mm_tops']:.0f} | {r['triton_gemm_tops']:.0f} | {r['triton_tops']:.0f} "
+              f"({r['triton_speedup']:.2f}×) | {cuda} | {r['int8_gemm_tops']:.0f} | {r['int8_tops']:.0f} "
               f"({r['int8_speedup']:.2f}×) | {r['fp8_gemm_tops']:.0f} | {r['fp8_tops']:.0f} ({r['fp8_speedup']:.2f}×) | "
               f"{r['bf16_err']:.1e} / {r['int8_err']:.1e} / {r['fp8_err']:.1e} |")
     for r in rows:
@@ -205,6 +231,8 @@ def main() -> None:
         print(f"FFN M={r['M']} {r['D']}→{r['F']}→{r['D']}: bf16 {r['bf16_ms']:.2f} ms ({r['bf16_tops']:.0f}) | "
               f"W8A8 three steps {r['int8_steps_ms']:.2f} ms ({r['int8_steps_tops']:.0f}) | W8A8 fused "
               f"{r['int8_fused_ms']:.2f} ms ({r['int8_fused_tops']:.0f}, ×{r['bf16_ms'] / r['int8_fused_ms']:.2f}) | "
+              f"Triton fused {r['triton_fused_ms']:.2f} ms ({r['triton_fused_tops']:.0f}) | "
+              f"CUDA fused {r['cuda_fused_ms']:.2f} ms ({r['cuda_fused_tops']:.0f}) | "
               f"err bf16 {r['bf16_err']:.1e} fused {r['int8_fused_err']:.1e} | {r['gelu_quant_config']}")
     sass = sass_summary()
     (args.out / "linear_sass.txt").write_text("\n".join(sass))

@@ -1,0 +1,483 @@
+// W8A8 GEMM with TurboDiffusion's 128×128 block scales for Hopper (sm_90a): TMA + wgmma, warp-specialized.
+//
+// y[m, n] = Σ_kb sA[m/128, kb]·sB[n/128, kb]·Σ_{k∈kb} a[m, k]·b[n, k] (+ bias[n]), a int8 [M, K], b int8 [N, K].
+// Each 128-wide K tile's product is exact in int32 and promoted into an fp32 accumulator. The Triton kernel waits
+// for a tile's wgmma and then promotes while the tensor cores idle; here two consumer warpgroups share each SM
+// (DeepGEMM's scheme), so one's promotion overlaps the other's wgmma, and one producer thread feeds a ring of
+// shared-memory stages with the bulk tensor copy engine (TMA). The grid is persistent: the producer loads the next
+// tile while the consumers run the epilogue.
+//
+// CTA tile 128×256: a 128-row activation scale block × two 128-column weight scale blocks, so each promotion
+// factor is one scalar. Consumer warpgroup w owns rows [64w, 64w+64) and runs two m64n128k32 wgmma chains per K
+// tile (one per column half) through one int32 register set: 128 fp32 + 64 int32 accumulator registers.
+// With kPingPong the two consumers take turns on the tensor cores (named barriers pass the turn after each chain):
+// left alone they issue together, finish together and promote together, and the tensor cores idle meanwhile.
+// Epilogues: bf16 store (+ bias), the Wan residual update (fp32 residual += gate · bf16(y)), and bias + GELU(tanh)
+// + the 128×128 int8 quantizer of the next GEMM's input (each column half of a tile is one quantization block).
+//
+// Host entry `w8a8_gemm` (extern "C", loaded with ctypes by engine/ops/w8a8_cuda.py) returns a cudaError_t code.
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kBlockM = 128;
+constexpr int kBlockN = 256;
+constexpr int kHalfN = 128;   // one weight scale block, one wgmma chain
+constexpr int kBlockK = 128;  // = the scale block: the promotion factor changes every 128 channels
+constexpr int kStages = 4;
+constexpr int kTileBytes = kBlockM * kBlockK;         // a 128×128 int8 box: the A tile, half the B tile
+constexpr int kStageBytes = kTileBytes + 2 * kTileBytes;  // A, B rows [0, 128), B rows [128, 256)
+constexpr int kThreads = 384;  // warpgroup 0: producer; 1 and 2: consumers
+constexpr int kConsumerWarps = 8;
+constexpr int kSmemBytes = kStages * kStageBytes + 1024 /* alignment */ + 512 /* barriers, reduction */;
+
+enum Epilogue : int { kStoreBf16 = 0, kResidual = 1, kGeluQuant = 2 };
+enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp32 = 2 };
+
+struct Params {
+  int M, N, K;
+  const float* a_scale;
+  long long a_scale_s0, a_scale_s1;
+  const float* b_scale;
+  long long b_scale_s0, b_scale_s1;
+  const void* bias;
+  int bias_kind;
+  void* out;  // bf16 [M, N] | fp32 residual [M, N] | int8 [M, N]
+  long long ld_out;
+  const float* gate;  // kResidual: fp32 [G, N]
+  long long ld_gate;
+  int rows_per_gate;
+  float* q_scale;  // kGeluQuant: fp32 [ceil(M/128), ceil(N/128)]
+  long long q_scale_s0, q_scale_s1;
+  int group_m;
+};
+
+// ---- PTX wrappers ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Named barriers among the 256 consumer threads (id 0 is __syncthreads; 1 is the GELU epilogue's reduction).
+constexpr int kTurnBarrier = 2;  // 2 + c: consumer c's turn on the tensor cores
+
+__device__ __forceinline__ void named_barrier_sync(int id) {
+  asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+  asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int inner, int outer, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_addr(dst)),
+      "l"(map), "r"(inner), "r"(outer), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// wgmma shared-memory descriptor of a K-major operand written by TMA with 128-byte swizzle: rows of 128 bytes,
+// 8-row core groups 1024 bytes apart (stride byte offset), layout type 1 = 128B swizzle in bits 62-63.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// d (+)= a · bᵀ for a 64×32 int8 slab of A and a 128×32 slab of B, int32 accumulators d[64] per thread.
+__device__ __forceinline__ void wgmma_s8_m64n128k32(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p;\n}"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// int32 → fp32 for a K tile's partial sum. |x| ≤ 128·128·128 = 2^21 < 2^22, so adding x to the bits of 1.5·2^23
+// and subtracting 1.5·2^23 as floats is exact: an integer add and a float add on the full-rate pipes instead of
+// one conversion instruction (kMagic = false keeps the plain conversion).
+template <bool kMagic>
+__device__ __forceinline__ float to_float(int32_t x) {
+  if constexpr (kMagic) {
+    return __int_as_float(x + 0x4B400000) - 12582912.0f;
+  } else {
+    return static_cast<float>(x);
+  }
+}
+
+// ---- Tile order --------------------------------------------------------------------------------------------
+
+// Grouped order: group_m row tiles sweep all column tiles together, so the CTAs in flight share A rows and B
+// columns in L2.
+__device__ __forceinline__ void tile_coords(int tile, int tiles_m, int tiles_n, int group_m, int& tm, int& tn) {
+  const int per_group = group_m * tiles_n;
+  const int first_m = (tile / per_group) * group_m;
+  const int rows = min(tiles_m - first_m, group_m);
+  const int in_group = tile % per_group;
+  tm = first_m + in_group % rows;
+  tn = in_group / rows;
+}
+
+// ---- Epilogue math (matches engine/ops/int8_linear.py's Triton epilogues) -----------------------------------
+
+__device__ __forceinline__ float round_to_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+__device__ __forceinline__ float gelu_tanh_bf16(float h) {
+  // nn.GELU(approximate="tanh") on a bf16 input, result rounded to bf16 as torch stores it.
+  const float inner = 0.7978845608028654f * (h + 0.044715f * h * h * h);
+  const float z = fmaxf(2.0f * inner, -80.0f);
+  return round_to_bf16(h * (1.0f / (1.0f + __expf(-z))));
+}
+
+__device__ __forceinline__ float load_bias(const Params& p, int col) {
+  if (p.bias_kind == kBiasBf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p.bias)[col]);
+  if (p.bias_kind == kBiasFp32) return static_cast<const float*>(p.bias)[col];
+  return 0.0f;
+}
+
+// ---- Kernel ----------------------------------------------------------------------------------------------------
+
+// Consumer warpgroup `consumer` (0 or 1): rows [64·consumer, 64·consumer + 64) of every tile, then its epilogue.
+template <int kEpilogue, bool kPingPong, bool kMagicConvert>
+__device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t* full, uint64_t* empty,
+                                        float* reduction, int consumer) {
+  const int tiles_m = (p.M + kBlockM - 1) / kBlockM;
+  const int tiles_n = (p.N + kBlockN - 1) / kBlockN;
+  const int scale_rows_a = tiles_m;
+  const int scale_rows_b = (p.N + kHalfN - 1) / kHalfN;
+  const int k_tiles = (p.K + kBlockK - 1) / kBlockK;
+  const int warp = (threadIdx.x / 32) % 4;  // warp within the warpgroup: 16 rows each
+  const int lane = threadIdx.x % 32;
+  const bool warp_leader = lane == 0;
+
+  float acc[2 * 64];
+  int32_t part[64];
+  if (kPingPong && consumer == 1) named_barrier_arrive(kTurnBarrier);  // consumer 0 goes first
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
+    int tm, tn;
+    tile_coords(tile, tiles_m, tiles_n, p.group_m, tm, tn);
+    // A ragged last column half past the matrix scales by 0.
+    const float* a_scale = tm < scale_rows_a ? p.a_scale + tm * p.a_scale_s0 : nullptr;
+    const float* b_scale_lo = 2 * tn < scale_rows_b ? p.b_scale + 2 * tn * p.b_scale_s0 : nullptr;
+    const float* b_scale_hi = 2 * tn + 1 < scale_rows_b ? p.b_scale + (2 * tn + 1) * p.b_scale_s0 : nullptr;
+#pragma unroll
+    for (int j = 0; j < 128; ++j) acc[j] = 0.0f;
+
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const float sa = a_scale ? a_scale[kt * p.a_scale_s1] : 0.0f;  // loaded before the wait: latency hidden
+      const float scale_lo = sa * (b_scale_lo ? b_scale_lo[kt * p.b_scale_s1] : 0.0f);
+      const float scale_hi = sa * (b_scale_hi ? b_scale_hi[kt * p.b_scale_s1] : 0.0f);
+      const int s = it % kStages;
+      mbar_wait(&full[s], (it / kStages) & 1);
+      const uint32_t a_base = smem_addr(smem + s * kStageBytes) + consumer * 64 * kBlockK;
+      const uint32_t b_base = smem_addr(smem + s * kStageBytes + kTileBytes);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // Ping-pong: the consumers take turns on the tensor cores, one chain each, so one's promotion runs while
+        // the other's wgmmas do (left alone, both issue together, finish together and promote together).
+        if constexpr (kPingPong) named_barrier_sync(kTurnBarrier + consumer);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < kBlockK / 32; ++k) {
+          wgmma_s8_m64n128k32(part, smem_desc(a_base + 32 * k), smem_desc(b_base + half * kTileBytes + 32 * k),
+                              k > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        if constexpr (kPingPong) named_barrier_arrive(kTurnBarrier + (consumer ^ 1));
+        if (half == 1 && warp_leader) mbar_arrive(&empty[s]);  // this warp no longer reads stage s
+        const float scale = half == 0 ? scale_lo : scale_hi;
+#pragma unroll
+        for (int j = 0; j < 64; ++j) {
+          acc[64 * half + j] = fmaf(scale, to_float<kMagicConvert>(part[j]), acc[64 * half + j]);
+        }
+      }
+    }
+
+    // ---- Epilogue: thread (warp, lane) holds rows r and r + 8 and, per column half, columns
+    // 8c + 2·(lane % 4) + {0, 1}, c = 0..15, in acc[64·half + 4c + 2·(row is r + 8) + {0, 1}].
+    const int row0 = tm * kBlockM + consumer * 64 + warp * 16 + lane / 4;
+    const int col0 = tn * kBlockN + 2 * (lane % 4);
+    if constexpr (kEpilogue == kGeluQuant) {
+      float local_max[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int c = 0; c < 16; ++c) {
+          const int col = col0 + half * kHalfN + 8 * c;
+          const float bias0 = col < p.N ? load_bias(p, col) : 0.0f;
+          const float bias1 = col + 1 < p.N ? load_bias(p, col + 1) : 0.0f;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = row0 + 8 * r;
+            float& v0 = acc[64 * half + 4 * c + 2 * r];
+            float& v1 = acc[64 * half + 4 * c + 2 * r + 1];
+            v0 = gelu_tanh_bf16(round_to_bf16(v0 + bias0));
+            v1 = gelu_tanh_bf16(round_to_bf16(v1 + bias1));
+            if (row < p.M) {
+              if (col < p.N) local_max[half] = fmaxf(local_max[half], fabsf(v0));
+              if (col + 1 < p.N) local_max[half] = fmaxf(local_max[half], fabsf(v1));
+            }
+          }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) {
+          local_max[half] = fmaxf(local_max[half], __shfl_xor_sync(0xffffffffu, local_max[half], offset));
+        }
+        if (warp_leader) reduction[half * kConsumerWarps + consumer * 4 + warp] = local_max[half];
+      }
+      asm volatile("bar.sync 1, 256;" ::: "memory");  // the two consumer warpgroups only
+      float amax[2] = {1e-8f, 1e-8f};
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int w8 = 0; w8 < kConsumerWarps; ++w8) amax[half] = fmaxf(amax[half], reduction[half * kConsumerWarps + w8]);
+      }
+      asm volatile("bar.sync 1, 256;" ::: "memory");  // everyone has read before the next tile writes
+      int8_t* q = static_cast<int8_t*>(p.out);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float inv = __fdiv_rn(128.0f, amax[half]);
+#pragma unroll
+        for (int c = 0; c < 16; ++c) {
+          const int col = col0 + half * kHalfN + 8 * c;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = row0 + 8 * r;
+            if (row >= p.M || col >= p.N) continue;
+            float v0 = __fmul_rn(acc[64 * half + 4 * c + 2 * r], inv);
+            float v1 = __fmul_rn(acc[64 * half + 4 * c + 2 * r + 1], inv);
+            v0 = v0 == v0 ? fminf(fmaxf(rintf(v0), -128.0f), 127.0f) : 0.0f;
+            v1 = v1 == v1 ? fminf(fmaxf(rintf(v1), -128.0f), 127.0f) : 0.0f;
+            int8_t* dst = q + static_cast<long long>(row) * p.ld_out + col;
+            if (col + 1 < p.N) {
+              char2 pair;
+              pair.x = static_cast<signed char>(v0);
+              pair.y = static_cast<signed char>(v1);
+              *reinterpret_cast<char2*>(dst) = pair;
+            } else {
+              dst[0] = static_cast<int8_t>(v0);
+            }
+          }
+        }
+        const int block_n = 2 * tn + half;
+        if (threadIdx.x == 128 && tm < scale_rows_a && block_n < scale_rows_b) {
+          p.q_scale[tm * p.q_scale_s0 + block_n * p.q_scale_s1] = __fdiv_rn(amax[half], 128.0f);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int c = 0; c < 16; ++c) {
+          const int col = col0 + half * kHalfN + 8 * c;
+          if (col >= p.N) continue;
+          const bool pair = col + 1 < p.N;
+          const float bias0 = load_bias(p, col);
+          const float bias1 = pair ? load_bias(p, col + 1) : 0.0f;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = row0 + 8 * r;
+            if (row >= p.M) continue;
+            const float v0 = acc[64 * half + 4 * c + 2 * r] + bias0;
+            const float v1 = acc[64 * half + 4 * c + 2 * r + 1] + bias1;
+            const long long offset = static_cast<long long>(row) * p.ld_out + col;
+            if constexpr (kEpilogue == kResidual) {
+              // The unfused chain stores the Linear's output in bf16 before `x + y · gate`: round where it does.
+              const float* gate = p.gate + static_cast<long long>(row / p.rows_per_gate) * p.ld_gate + col;
+              float* dst = static_cast<float*>(p.out) + offset;
+              if (pair) {
+                float2 res = *reinterpret_cast<float2*>(dst);
+                res.x += round_to_bf16(v0) * gate[0];
+                res.y += round_to_bf16(v1) * gate[1];
+                *reinterpret_cast<float2*>(dst) = res;
+              } else {
+                dst[0] += round_to_bf16(v0) * gate[0];
+              }
+            } else {
+              __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(p.out) + offset;
+              if (pair) {
+                *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+              } else {
+                dst[0] = __float2bfloat16_rn(v0);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  if (kPingPong && consumer == 0) named_barrier_sync(kTurnBarrier);  // the last turn consumer 1 handed over
+}
+
+template <int kEpilogue, bool kPingPong, bool kMagicConvert>
+__global__ void __launch_bounds__(kThreads, 1)
+    w8a8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                     const Params p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  float* reduction = reinterpret_cast<float*>(empty + kStages);  // 2 × kConsumerWarps floats
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&map_a) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&map_b) : "memory");
+      const int tiles_m = (p.M + kBlockM - 1) / kBlockM;
+      const int tiles_n = (p.N + kBlockN - 1) / kBlockN;
+      const int k_tiles = (p.K + kBlockK - 1) / kBlockK;
+      int it = 0;
+      for (int tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
+        int tm, tn;
+        tile_coords(tile, tiles_m, tiles_n, p.group_m, tm, tn);
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+          const int s = it % kStages;
+          mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);  // a fresh barrier's "previous phase" is complete
+          mbar_expect_tx(&full[s], kStageBytes);          // out-of-bounds box parts are zero-filled and counted
+          uint8_t* stage = smem + s * kStageBytes;
+          tma_load_2d(stage, &map_a, kt * kBlockK, tm * kBlockM, &full[s]);
+          tma_load_2d(stage + kTileBytes, &map_b, kt * kBlockK, tn * kBlockN, &full[s]);
+          tma_load_2d(stage + 2 * kTileBytes, &map_b, kt * kBlockK, tn * kBlockN + kHalfN, &full[s]);
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    consume<kEpilogue, kPingPong, kMagicConvert>(p, smem, full, empty, reduction, warpgroup - 1);
+  }
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = nullptr;
+  if (fn == nullptr) {
+    void* entry = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault, &status) ==
+            cudaSuccess &&
+        status == cudaDriverEntryPointSuccess) {
+      fn = reinterpret_cast<EncodeTiled>(entry);
+    }
+  }
+  return fn;
+}
+
+// A row-major int8 [rows, K] operand as 128×128-byte boxes with 128-byte swizzle (the wgmma K-major layout).
+bool make_operand_map(CUtensorMap* map, const void* ptr, int rows, int K, long long ld) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld)};  // bytes, for dimension 1
+  const cuuint32_t box[2] = {kBlockK, kBlockM};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int kEpilogue, bool kPingPong, bool kMagicConvert>
+cudaError_t launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int num_sms,
+                   cudaStream_t stream) {
+  const auto kernel = w8a8_gemm_kernel<kEpilogue, kPingPong, kMagicConvert>;
+  static bool configured = false;
+  if (!configured) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
+  const int tiles = ((p.M + kBlockM - 1) / kBlockM) * ((p.N + kBlockN - 1) / kBlockN);
+  kernel<<<tiles < num_sms ? tiles : num_sms, kThreads, kSmemBytes, stream>>>(map_a, map_b, p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" int w8a8_gemm(const void* a, long long lda, const void* b, long long ldb, int M, int N, int K,
+                         const float* a_scale, long long a_scale_s0, long long a_scale_s1, const float* b_scale,
+                         long long b_scale_s0, long long b_scale_s1, const void* bias, int bias_kind, void* out,
+                         long long ld_out, int epilogue, const float* gate, long long ld_gate, int rows_per_gate,
+                         float* q_scale, long long q_scale_s0, long long q_scale_s1, int num_sms, int group_m,
+                         int variant, void* stream) {
+  CUtensorMap map_a, map_b;
+  if (!make_operand_map(&map_a, a, M, K, lda) || !make_operand_map(&map_b, b, N, K, ldb)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const Params p{M,      N,       K,        a_scale,       a_scale_s0, a_scale_s1, b_scale, b_scale_s0,
+                 b_scale_s1, bias, bias_kind, out,         ld_out,     gate,       ld_gate, rows_per_gate,
+                 q_scale, q_scale_s0, q_scale_s1, group_m};
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // variant bit 0: the consumers take turns on the tensor cores; bit 1: int32 → fp32 by the float trick.
+  switch (epilogue * 4 + (variant & 3)) {
+#define W8A8_CASE(epi, v) \
+  case epi * 4 + v: return static_cast<int>(launch<epi, (v & 1) != 0, (v & 2) != 0>(map_a, map_b, p, num_sms, s));
+    W8A8_CASE(kStoreBf16, 0) W8A8_CASE(kStoreBf16, 1) W8A8_CASE(kStoreBf16, 2) W8A8_CASE(kStoreBf16, 3)
+    W8A8_CASE(kResidual, 0) W8A8_CASE(kResidual, 1) W8A8_CASE(kResidual, 2) W8A8_CASE(kResidual, 3)
+    W8A8_CASE(kGeluQuant, 0) W8A8_CASE(kGeluQuant, 1) W8A8_CASE(kGeluQuant, 2) W8A8_CASE(kGeluQuant, 3)
+#undef W8A8_CASE
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
