@@ -141,17 +141,6 @@ __device__ __forceinline__ void wgmma_s8_m64n128k32(int32_t (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// int32 → fp32 for a K tile's partial sum. |x| ≤ 128·128·128 = 2^21 < 2^22, so adding x to the bits of 1.5·2^23
-// and subtracting 1.5·2^23 as floats is exact: an integer add and a float add on the full-rate pipes instead of
-// one conversion instruction (kMagic = false keeps the plain conversion).
-template <bool kMagic>
-__device__ __forceinline__ float to_float(int32_t x) {
-  if constexpr (kMagic) {
-    return __int_as_float(x + 0x4B400000) - 12582912.0f;
-  } else {
-    return static_cast<float>(x);
-  }
-}
 
 // ---- Tile order --------------------------------------------------------------------------------------------
 
@@ -186,7 +175,7 @@ __device__ __forceinline__ float load_bias(const Params& p, int col) {
 // ---- Kernel ----------------------------------------------------------------------------------------------------
 
 // Consumer warpgroup `consumer` (0 or 1): rows [64·consumer, 64·consumer + 64) of every tile, then its epilogue.
-template <int kEpilogue, bool kPingPong, bool kMagicConvert>
+template <int kEpilogue, bool kPingPong>
 __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t* full, uint64_t* empty,
                                         float* reduction, int consumer) {
   const int tiles_m = (p.M + kBlockM - 1) / kBlockM;
@@ -205,41 +194,45 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
   for (int tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
     int tm, tn;
     tile_coords(tile, tiles_m, tiles_n, p.group_m, tm, tn);
-    // A ragged last column half past the matrix scales by 0.
-    const float* a_scale = tm < scale_rows_a ? p.a_scale + tm * p.a_scale_s0 : nullptr;
-    const float* b_scale_lo = 2 * tn < scale_rows_b ? p.b_scale + 2 * tn * p.b_scale_s0 : nullptr;
-    const float* b_scale_hi = 2 * tn + 1 < scale_rows_b ? p.b_scale + (2 * tn + 1) * p.b_scale_s0 : nullptr;
+    // A ragged last column half past the matrix (no weight scale row) scales by 0.
+    const bool has_hi = 2 * tn + 1 < scale_rows_b;
+    const int a_row = tm * static_cast<int>(p.a_scale_s0);  // 32-bit offsets: registers are scarce here
+    const int b_row_lo = 2 * tn * static_cast<int>(p.b_scale_s0);
+    const int b_row_hi = has_hi ? b_row_lo + static_cast<int>(p.b_scale_s0) : b_row_lo;
 #pragma unroll
     for (int j = 0; j < 128; ++j) acc[j] = 0.0f;
 
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const float sa = a_scale ? a_scale[kt * p.a_scale_s1] : 0.0f;  // loaded before the wait: latency hidden
-      const float scale_lo = sa * (b_scale_lo ? b_scale_lo[kt * p.b_scale_s1] : 0.0f);
-      const float scale_hi = sa * (b_scale_hi ? b_scale_hi[kt * p.b_scale_s1] : 0.0f);
+      // Loaded before the wait, so the latency hides behind it.
+      const float sa = p.a_scale[a_row + kt * static_cast<int>(p.a_scale_s1)];
+      const float scale_lo = sa * p.b_scale[b_row_lo + kt * static_cast<int>(p.b_scale_s1)];
+      const float scale_hi = has_hi ? sa * p.b_scale[b_row_hi + kt * static_cast<int>(p.b_scale_s1)] : 0.0f;
       const int s = it % kStages;
       mbar_wait(&full[s], (it / kStages) & 1);
       const uint32_t a_base = smem_addr(smem + s * kStageBytes) + consumer * 64 * kBlockK;
       const uint32_t b_base = smem_addr(smem + s * kStageBytes + kTileBytes);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        // Ping-pong: the consumers take turns on the tensor cores, one chain each, so one's promotion runs while
-        // the other's wgmmas do (left alone, both issue together, finish together and promote together).
+        // Ping-pong: the consumers take turns issuing, one chain each, so one's promotion runs while the other's
+        // wgmmas do (left alone, both issue together, finish together and promote together).
         if constexpr (kPingPong) named_barrier_sync(kTurnBarrier + consumer);
         wgmma_fence();
+        // Each k32 step moves 32 bytes along the swizzled rows: + 2 in the descriptor's address field (16-byte units).
+        const uint64_t desc_a = smem_desc(a_base), desc_b = smem_desc(b_base + half * kTileBytes);
 #pragma unroll
-        for (int k = 0; k < kBlockK / 32; ++k) {
-          wgmma_s8_m64n128k32(part, smem_desc(a_base + 32 * k), smem_desc(b_base + half * kTileBytes + 32 * k),
-                              k > 0);
-        }
+        for (int k = 0; k < kBlockK / 32; ++k) wgmma_s8_m64n128k32(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        // Hand the turn over once this chain is issued, not done: the other consumer's chain queues right behind
+        // it, so the tensor cores never wait for a completion, an arrive and an issue between chains.
         if constexpr (kPingPong) named_barrier_arrive(kTurnBarrier + (consumer ^ 1));
+        wgmma_wait<0>();
         if (half == 1 && warp_leader) mbar_arrive(&empty[s]);  // this warp no longer reads stage s
         const float scale = half == 0 ? scale_lo : scale_hi;
+        // The int32 → fp32 conversion here (I2FP) is the kernel's costliest ALU step: without it the kernel ran
+        // ~25 % faster (docs/notes/linear.md); the exact alternatives measured (integer + float add on the
+        // bits of 1.5·2^23) were no faster.
 #pragma unroll
-        for (int j = 0; j < 64; ++j) {
-          acc[64 * half + j] = fmaf(scale, to_float<kMagicConvert>(part[j]), acc[64 * half + j]);
-        }
+        for (int j = 0; j < 64; ++j) acc[64 * half + j] = fmaf(scale, static_cast<float>(part[j]), acc[64 * half + j]);
       }
     }
 
@@ -359,7 +352,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
   if (kPingPong && consumer == 0) named_barrier_sync(kTurnBarrier);  // the last turn consumer 1 handed over
 }
 
-template <int kEpilogue, bool kPingPong, bool kMagicConvert>
+template <int kEpilogue, bool kPingPong>
 __global__ void __launch_bounds__(kThreads, 1)
     w8a8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                      const Params p) {
@@ -404,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    consume<kEpilogue, kPingPong, kMagicConvert>(p, smem, full, empty, reduction, warpgroup - 1);
+    consume<kEpilogue, kPingPong>(p, smem, full, empty, reduction, warpgroup - 1);
   }
 }
 
@@ -439,10 +432,10 @@ bool make_operand_map(CUtensorMap* map, const void* ptr, int rows, int K, long l
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int kEpilogue, bool kPingPong, bool kMagicConvert>
+template <int kEpilogue, bool kPingPong>
 cudaError_t launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int num_sms,
                    cudaStream_t stream) {
-  const auto kernel = w8a8_gemm_kernel<kEpilogue, kPingPong, kMagicConvert>;
+  const auto kernel = w8a8_gemm_kernel<kEpilogue, kPingPong>;
   static bool configured = false;
   if (!configured) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -470,14 +463,14 @@ extern "C" int w8a8_gemm(const void* a, long long lda, const void* b, long long 
                  b_scale_s1, bias, bias_kind, out,         ld_out,     gate,       ld_gate, rows_per_gate,
                  q_scale, q_scale_s0, q_scale_s1, group_m};
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // variant bit 0: the consumers take turns on the tensor cores; bit 1: int32 → fp32 by the float trick.
-  switch (epilogue * 4 + (variant & 3)) {
-#define W8A8_CASE(epi, v) \
-  case epi * 4 + v: return static_cast<int>(launch<epi, (v & 1) != 0, (v & 2) != 0>(map_a, map_b, p, num_sms, s));
-    W8A8_CASE(kStoreBf16, 0) W8A8_CASE(kStoreBf16, 1) W8A8_CASE(kStoreBf16, 2) W8A8_CASE(kStoreBf16, 3)
-    W8A8_CASE(kResidual, 0) W8A8_CASE(kResidual, 1) W8A8_CASE(kResidual, 2) W8A8_CASE(kResidual, 3)
-    W8A8_CASE(kGeluQuant, 0) W8A8_CASE(kGeluQuant, 1) W8A8_CASE(kGeluQuant, 2) W8A8_CASE(kGeluQuant, 3)
-#undef W8A8_CASE
+  // variant 1: the consumers take turns on the tensor cores (ping-pong); 0: they issue freely.
+  switch (epilogue * 2 + (variant & 1)) {
+    case 2 * kStoreBf16: return static_cast<int>(launch<kStoreBf16, false>(map_a, map_b, p, num_sms, s));
+    case 2 * kStoreBf16 + 1: return static_cast<int>(launch<kStoreBf16, true>(map_a, map_b, p, num_sms, s));
+    case 2 * kResidual: return static_cast<int>(launch<kResidual, false>(map_a, map_b, p, num_sms, s));
+    case 2 * kResidual + 1: return static_cast<int>(launch<kResidual, true>(map_a, map_b, p, num_sms, s));
+    case 2 * kGeluQuant: return static_cast<int>(launch<kGeluQuant, false>(map_a, map_b, p, num_sms, s));
+    case 2 * kGeluQuant + 1: return static_cast<int>(launch<kGeluQuant, true>(map_a, map_b, p, num_sms, s));
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

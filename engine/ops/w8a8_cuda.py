@@ -2,7 +2,7 @@
 
 Same math and epilogues as the Triton `_block_scaled_mm_kernel` in int8_linear.py: a warp-specialized kernel (one
 TMA producer thread, two consumer warpgroups taking turns on the tensor cores, persistent grid, 128×256 tiles).
-On the H100 it ran at 0.85–0.95× the Triton kernel at the Wan shapes (docs/notes/linear.md, session 3), so the
+On the H100 it ran at 0.80–1.01× the Triton kernel at the Wan shapes (docs/notes/linear.md, session 3), so the
 Triton kernel stays the default and this one runs only with `TDSERVE_CUDA_GEMM=1` (`ENABLED`), for INT8
 operands on a compute-capability-9.0 GPU with TMA-compatible layouts (row-major, 16-byte aligned rows, K a
 multiple of 16, even N) and only where `nvcc` could build it. `bench/linear.py` times it beside Triton every run.
@@ -33,8 +33,8 @@ SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "w8a8_gemm.cu"
 Epilogue = Literal["store", "residual", "gelu_quant"]
 _EPILOGUE = {"store": 0, "residual": 1, "gelu_quant": 2}
 _BIAS_KIND = {torch.bfloat16: 1, torch.float32: 2}
-# Kernel variant bits (csrc/w8a8_gemm.cu `w8a8_gemm`): 1 = the consumers take turns on the tensor cores (ping-pong),
-# 2 = exact float-trick int32 → fp32 conversion. 1 was the fastest on the 14B shapes (docs/notes/linear.md).
+# Kernel variant (csrc/w8a8_gemm.cu `w8a8_gemm`): 1 = the consumers take turns on the tensor cores (ping-pong),
+# 0 = they issue freely. 1 was the faster on the H100 (docs/notes/linear.md).
 DEFAULT_VARIANT = 1
 GROUP_M = 8
 ENABLED = os.environ.get("TDSERVE_CUDA_GEMM", "0") == "1"  # slower than Triton on the H100: opt-in
