@@ -114,6 +114,20 @@ def bench_shape(m: int, k: int, n: int) -> dict[str, object]:
             row[f"cuda_v{variant}_ms"] = bench_ms(lambda variant=variant: w8a8_cuda.block_scaled_mm_cuda(
                 xq, xs, wq, ws, None, out, variant=variant))
             row[f"cuda_v{variant}_tops"] = flops / row[f"cuda_v{variant}_ms"] / 1e9
+        # FP8 e4m3 operands (same blocks), ping-pong: the GEMM and the whole linear (FP8 quantizer + GEMM).
+        fq_, fs_ = w8a8.requantize_int8_to_fp8(wq, ws)
+        xq8_, xs8_ = w8a8.quantize_blockwise(x, "fp8")
+        row["cuda_fp8_ms"] = bench_ms(lambda: w8a8_cuda.block_scaled_mm_cuda(xq8_, xs8_, fq_, fs_, None, out))
+
+        def cuda_fp8_linear() -> torch.Tensor:
+            xq8, xs8 = w8a8.quantize_blockwise(x, "fp8")
+            return w8a8_cuda.block_scaled_mm_cuda(xq8, xs8, fq_, fs_, None, out)
+
+        row["cuda_fp8_linear_ms"] = bench_ms(cuda_fp8_linear)
+        row["cuda_fp8_err"] = rel_error(cuda_fp8_linear(), ref)
+        for key in ("cuda_fp8", "cuda_fp8_linear"):
+            row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
+        row["cuda_fp8_speedup"] = row["bf16_ms"] / row["cuda_fp8_linear_ms"]
     # The default path (what Int8Linear runs): Triton, or the CUDA kernel where TDSERVE_CUDA_GEMM=1 and usable.
     y = w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
     row["int8_quant_ms"] = bench_ms(lambda: w8a8.quantize_blockwise(x, "int8"))
@@ -224,6 +238,10 @@ def main() -> None:
               f"({r['triton_speedup']:.2f}×) | {cuda} | {r['int8_gemm_tops']:.0f} | {r['int8_tops']:.0f} "
               f"({r['int8_speedup']:.2f}×) | {r['fp8_gemm_tops']:.0f} | {r['fp8_tops']:.0f} ({r['fp8_speedup']:.2f}×) | "
               f"{r['bf16_err']:.1e} / {r['int8_err']:.1e} / {r['fp8_err']:.1e} |")
+    for r in rows:
+        if r["cuda"]:
+            print(f"CUDA FP8 {r['M']},{r['K']},{r['N']}: GEMM {r['cuda_fp8_tops']:.0f} TOPS, +quant "
+                  f"{r['cuda_fp8_linear_tops']:.0f} ({r['cuda_fp8_speedup']:.2f}× bf16), err {r['cuda_fp8_err']:.1e}")
     for r in rows:
         print(f"{r['M']},{r['K']},{r['N']}: int8 {r['int8_config']} | fp8 {r['fp8_config']} | "
               f"quant ms int8 {r['int8_quant_ms']:.3f} fp8 {r['fp8_quant_ms']:.3f} | same-math {r['int8_vs_same_math']:.1e}")

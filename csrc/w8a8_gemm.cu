@@ -1,6 +1,7 @@
 // W8A8 GEMM with TurboDiffusion's 128×128 block scales for Hopper (sm_90a): TMA + wgmma, warp-specialized.
 //
-// y[m, n] = Σ_kb sA[m/128, kb]·sB[n/128, kb]·Σ_{k∈kb} a[m, k]·b[n, k] (+ bias[n]), a int8 [M, K], b int8 [N, K].
+// y[m, n] = Σ_kb sA[m/128, kb]·sB[n/128, kb]·Σ_{k∈kb} a[m, k]·b[n, k] (+ bias[n]), a [M, K], b [N, K], both int8
+// or both float8 e4m3 (the weight requantized from the INT8 checkpoint, int8_linear.py `requantize_int8_to_fp8`).
 // Each 128-wide K tile's product is exact in int32 and promoted into an fp32 accumulator. The Triton kernel waits
 // for a tile's wgmma and then promotes while the tensor cores idle; here two consumer warpgroups share each SM
 // (DeepGEMM's scheme), so one's promotion overlaps the other's wgmma, and one producer thread feeds a ring of
@@ -21,6 +22,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace {
 
@@ -119,28 +122,39 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 
-// d (+)= a · bᵀ for a 64×32 int8 slab of A and a 128×32 slab of B, int32 accumulators d[64] per thread.
-__device__ __forceinline__ void wgmma_s8_m64n128k32(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                    int accumulate) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p;\n}"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
-        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
-        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
-        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+// The 64 accumulator operands of an m64n128 wgmma, as inline-asm constraints "+r" (int32) or "+f" (fp32).
+#define W8A8_D64(c, d)                                                                                              \
+  c(d[0]), c(d[1]), c(d[2]), c(d[3]), c(d[4]), c(d[5]), c(d[6]), c(d[7]), c(d[8]), c(d[9]), c(d[10]), c(d[11]),    \
+      c(d[12]), c(d[13]), c(d[14]), c(d[15]), c(d[16]), c(d[17]), c(d[18]), c(d[19]), c(d[20]), c(d[21]),           \
+      c(d[22]), c(d[23]), c(d[24]), c(d[25]), c(d[26]), c(d[27]), c(d[28]), c(d[29]), c(d[30]), c(d[31]),           \
+      c(d[32]), c(d[33]), c(d[34]), c(d[35]), c(d[36]), c(d[37]), c(d[38]), c(d[39]), c(d[40]), c(d[41]),           \
+      c(d[42]), c(d[43]), c(d[44]), c(d[45]), c(d[46]), c(d[47]), c(d[48]), c(d[49]), c(d[50]), c(d[51]),           \
+      c(d[52]), c(d[53]), c(d[54]), c(d[55]), c(d[56]), c(d[57]), c(d[58]), c(d[59]), c(d[60]), c(d[61]),           \
+      c(d[62]), c(d[63])
+#define W8A8_D64_REGS                                                                                               \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                         \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                                 \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                                 \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define W8A8_RW_INT(x) "+r"(x)
+#define W8A8_RW_FLOAT(x) "+f"(x)
+
+// d (+)= a · bᵀ for a 64×32 slab of A and a 128×32 slab of B (both K-major in shared memory), per thread 64
+// accumulators: int32 for int8 operands, fp32 for e4m3 (accumulated in the tensor core's reduced precision within
+// the instruction, then promoted by us per 128-wide K tile).
+__device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " W8A8_D64_REGS ", %64, %65, p;\n}"
+               : W8A8_D64(W8A8_RW_INT, d)
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " W8A8_D64_REGS ", %64, %65, p, 1, 1;\n}"
+               : W8A8_D64(W8A8_RW_FLOAT, d)
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
 
 // ---- Tile order --------------------------------------------------------------------------------------------
 
@@ -175,7 +189,7 @@ __device__ __forceinline__ float load_bias(const Params& p, int col) {
 // ---- Kernel ----------------------------------------------------------------------------------------------------
 
 // Consumer warpgroup `consumer` (0 or 1): rows [64·consumer, 64·consumer + 64) of every tile, then its epilogue.
-template <int kEpilogue, bool kPingPong>
+template <int kEpilogue, bool kPingPong, bool kFp8>
 __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t* full, uint64_t* empty,
                                         float* reduction, int consumer) {
   const int tiles_m = (p.M + kBlockM - 1) / kBlockM;
@@ -188,7 +202,8 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
   const bool warp_leader = lane == 0;
 
   float acc[2 * 64];
-  int32_t part[64];
+  // INT8 partials need an int32 → fp32 conversion per element and K tile; FP8 ones come out in fp32.
+  std::conditional_t<kFp8, float, int32_t> part[64];
   if (kPingPong && consumer == 1) named_barrier_arrive(kTurnBarrier);  // consumer 0 goes first
   int it = 0;
   for (int tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
@@ -220,7 +235,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
         // Each k32 step moves 32 bytes along the swizzled rows: + 2 in the descriptor's address field (16-byte units).
         const uint64_t desc_a = smem_desc(a_base), desc_b = smem_desc(b_base + half * kTileBytes);
 #pragma unroll
-        for (int k = 0; k < kBlockK / 32; ++k) wgmma_s8_m64n128k32(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
+        for (int k = 0; k < kBlockK / 32; ++k) wgmma_m64n128k32(part, desc_a + 2 * k, desc_b + 2 * k, k > 0);
         wgmma_commit();
         // Hand the turn over once this chain is issued, not done: the other consumer's chain queues right behind
         // it, so the tensor cores never wait for a completion, an arrive and an issue between chains.
@@ -228,9 +243,9 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
         wgmma_wait<0>();
         if (half == 1 && warp_leader) mbar_arrive(&empty[s]);  // this warp no longer reads stage s
         const float scale = half == 0 ? scale_lo : scale_hi;
-        // The int32 → fp32 conversion here (I2FP) is the kernel's costliest ALU step: without it the kernel ran
-        // ~25 % faster (docs/notes/linear.md); the exact alternatives measured (integer + float add on the
-        // bits of 1.5·2^23) were no faster.
+        // For INT8 the int32 → fp32 conversion here (I2FP) is the kernel's costliest ALU step: without it the
+        // kernel ran ~25 % faster (docs/notes/linear.md); the exact alternatives measured (integer + float add on
+        // the bits of 1.5·2^23) were no faster. FP8 partials are fp32 already.
 #pragma unroll
         for (int j = 0; j < 64; ++j) acc[64 * half + j] = fmaf(scale, static_cast<float>(part[j]), acc[64 * half + j]);
       }
@@ -352,7 +367,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
   if (kPingPong && consumer == 0) named_barrier_sync(kTurnBarrier);  // the last turn consumer 1 handed over
 }
 
-template <int kEpilogue, bool kPingPong>
+template <int kEpilogue, bool kPingPong, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     w8a8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                      const Params p) {
@@ -397,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    consume<kEpilogue, kPingPong>(p, smem, full, empty, reduction, warpgroup - 1);
+    consume<kEpilogue, kPingPong, kFp8>(p, smem, full, empty, reduction, warpgroup - 1);
   }
 }
 
@@ -432,10 +447,10 @@ bool make_operand_map(CUtensorMap* map, const void* ptr, int rows, int K, long l
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int kEpilogue, bool kPingPong>
+template <int kEpilogue, bool kPingPong, bool kFp8>
 cudaError_t launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int num_sms,
                    cudaStream_t stream) {
-  const auto kernel = w8a8_gemm_kernel<kEpilogue, kPingPong>;
+  const auto kernel = w8a8_gemm_kernel<kEpilogue, kPingPong, kFp8>;
   static bool configured = false;
   if (!configured) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -463,14 +478,14 @@ extern "C" int w8a8_gemm(const void* a, long long lda, const void* b, long long 
                  b_scale_s1, bias, bias_kind, out,         ld_out,     gate,       ld_gate, rows_per_gate,
                  q_scale, q_scale_s0, q_scale_s1, group_m};
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // variant 1: the consumers take turns on the tensor cores (ping-pong); 0: they issue freely.
-  switch (epilogue * 2 + (variant & 1)) {
-    case 2 * kStoreBf16: return static_cast<int>(launch<kStoreBf16, false>(map_a, map_b, p, num_sms, s));
-    case 2 * kStoreBf16 + 1: return static_cast<int>(launch<kStoreBf16, true>(map_a, map_b, p, num_sms, s));
-    case 2 * kResidual: return static_cast<int>(launch<kResidual, false>(map_a, map_b, p, num_sms, s));
-    case 2 * kResidual + 1: return static_cast<int>(launch<kResidual, true>(map_a, map_b, p, num_sms, s));
-    case 2 * kGeluQuant: return static_cast<int>(launch<kGeluQuant, false>(map_a, map_b, p, num_sms, s));
-    case 2 * kGeluQuant + 1: return static_cast<int>(launch<kGeluQuant, true>(map_a, map_b, p, num_sms, s));
+  // variant bit 0: the consumers take turns on the tensor cores (ping-pong); bit 1: e4m3 operands (else int8).
+  switch (epilogue * 4 + (variant & 3)) {
+#define W8A8_CASE(epi, v) \
+  case epi * 4 + v: return static_cast<int>(launch<epi, (v & 1) != 0, (v & 2) != 0>(map_a, map_b, p, num_sms, s));
+    W8A8_CASE(kStoreBf16, 0) W8A8_CASE(kStoreBf16, 1) W8A8_CASE(kStoreBf16, 2) W8A8_CASE(kStoreBf16, 3)
+    W8A8_CASE(kResidual, 0) W8A8_CASE(kResidual, 1) W8A8_CASE(kResidual, 2) W8A8_CASE(kResidual, 3)
+    W8A8_CASE(kGeluQuant, 0) W8A8_CASE(kGeluQuant, 1) W8A8_CASE(kGeluQuant, 2) W8A8_CASE(kGeluQuant, 3)
+#undef W8A8_CASE
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

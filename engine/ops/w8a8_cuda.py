@@ -1,11 +1,12 @@
 """The CUDA C++ W8A8 GEMM for Hopper (csrc/w8a8_gemm.cu), built on demand and called through ctypes. Opt-in.
 
-Same math and epilogues as the Triton `_block_scaled_mm_kernel` in int8_linear.py: a warp-specialized kernel (one
-TMA producer thread, two consumer warpgroups taking turns on the tensor cores, persistent grid, 128×256 tiles).
-On the H100 it ran at 0.80–1.01× the Triton kernel at the Wan shapes (docs/notes/linear.md, session 3), so the
-Triton kernel stays the default and this one runs only with `TDSERVE_CUDA_GEMM=1` (`ENABLED`), for INT8
-operands on a compute-capability-9.0 GPU with TMA-compatible layouts (row-major, 16-byte aligned rows, K a
-multiple of 16, even N) and only where `nvcc` could build it. `bench/linear.py` times it beside Triton every run.
+Same math and epilogues as the Triton `_block_scaled_mm_kernel` in int8_linear.py, INT8 or FP8 e4m3 operands: a
+warp-specialized kernel (one TMA producer thread, two consumer warpgroups taking turns on the tensor cores,
+persistent grid, 128×256 tiles). On the H100 its INT8 path ran at 0.80–1.01× the Triton kernel at the Wan shapes
+(docs/notes/linear.md, session 3), so the Triton kernel stays the default and this one runs only with
+`TDSERVE_CUDA_GEMM=1` (`ENABLED`), on a compute-capability-9.0 GPU with TMA-compatible layouts (row-major,
+16-byte aligned rows, K a multiple of 16, even N) and only where `nvcc` could build it. `bench/linear.py` times
+it beside Triton every run.
 
 The library is a plain shared object (no torch headers, so it builds in seconds, not minutes), compiled with
 `nvcc -gencode=arch=compute_90a,code=sm_90a` into `$TDSERVE_KERNEL_CACHE` (default ~/.cache/tdserve/kernels),
@@ -33,8 +34,10 @@ SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "w8a8_gemm.cu"
 Epilogue = Literal["store", "residual", "gelu_quant"]
 _EPILOGUE = {"store": 0, "residual": 1, "gelu_quant": 2}
 _BIAS_KIND = {torch.bfloat16: 1, torch.float32: 2}
-# Kernel variant (csrc/w8a8_gemm.cu `w8a8_gemm`): 1 = the consumers take turns on the tensor cores (ping-pong),
-# 0 = they issue freely. 1 was the faster on the H100 (docs/notes/linear.md).
+_OPERAND = {torch.int8: 0, torch.float8_e4m3fn: 2}  # variant bit 2: e4m3 operands
+# Kernel variant (csrc/w8a8_gemm.cu `w8a8_gemm`), bit 0: 1 = the consumers take turns on the tensor cores
+# (ping-pong), 0 = they issue freely; 1 was the faster on the H100 (docs/notes/linear.md). Bit 1 (e4m3 operands)
+# follows the operands' dtype.
 DEFAULT_VARIANT = 1
 GROUP_M = 8
 ENABLED = os.environ.get("TDSERVE_CUDA_GEMM", "0") == "1"  # slower than Triton on the H100: opt-in
@@ -109,7 +112,7 @@ def _row_major_aligned(t: torch.Tensor) -> bool:
 
 def usable(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> bool:
     """True when the CUDA kernel can run this GEMM (else the caller takes the Triton kernel)."""
-    if not (ENABLED and a.is_cuda and a.dtype == torch.int8 and b.dtype == torch.int8 and _device_ok(a.device.index or 0)):
+    if not (ENABLED and a.is_cuda and a.dtype in _OPERAND and b.dtype == a.dtype and _device_ok(a.device.index or 0)):
         return False
     if not (_row_major_aligned(a) and _row_major_aligned(b) and a.shape[1] % 16 == 0):
         return False
@@ -156,7 +159,7 @@ def block_scaled_mm_cuda(
         out.data_ptr(), out.stride(0), _EPILOGUE[epilogue],
         gate.data_ptr() if gate is not None else None, gate.stride(0) if gate is not None else 0, rows_per_gate,
         scale_out.data_ptr(), scale_out.stride(0), scale_out.stride(1),
-        _sm_count(a.device.index or 0), GROUP_M, variant,
+        _sm_count(a.device.index or 0), GROUP_M, (variant & 1) | _OPERAND[a.dtype],
         torch.cuda.current_stream(a.device).cuda_stream,
     )
     if status != 0:

@@ -31,11 +31,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _operands(m: int, k: int, n: int) -> tuple[torch.Tensor, ...]:
+def _operands(m: int, k: int, n: int, fmt: str = "int8") -> tuple[torch.Tensor, ...]:
     x = torch.randn(m, k, device="cuda")
     x[:, torch.randint(0, k, (8,), device="cuda")] *= 10.0  # outlier channels
-    a, a_scale = w8a8.quantize_blockwise(x.bfloat16())
-    b, b_scale = w8a8.quantize_blockwise((torch.randn(n, k, device="cuda") * 0.02).bfloat16())
+    a, a_scale = w8a8.quantize_blockwise(x.bfloat16(), fmt)  # type: ignore[arg-type]
+    b, b_scale = w8a8.quantize_blockwise((torch.randn(n, k, device="cuda") * 0.02).bfloat16(), fmt)  # type: ignore[arg-type]
     return a, a_scale, b, b_scale
 
 
@@ -57,6 +57,21 @@ def test_store_matches_reference(shape: tuple[int, int, int], variant: int, bias
     excess = (out.float() - expected).abs() - expected.abs() * 2.0**-8 - 2e-6 * k**0.5
     assert excess.max().item() <= 0, f"{(excess > 0).sum().item()} elements off, worst at {divmod(excess.argmax().item(), n)}"
     assert _rel(out, expected) <= 2e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp8_store_matches_reference(shape: tuple[int, int, int], variant: int) -> None:
+    m, k, n = shape
+    a, a_scale, b, b_scale = _operands(m, k, n, "fp8")
+    bias = torch.randn(n, device="cuda").bfloat16()
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    w8a8_cuda.block_scaled_mm_cuda(a, a_scale, b, b_scale, bias, out, variant=variant)
+    expected = w8a8.block_scaled_mm_reference(a, a_scale, b, b_scale, bias)  # fp32
+    assert torch.isfinite(out).all()
+    # bf16 rounding (1.7e-3) plus Hopper's reduced-precision accumulation inside each e4m3 wgmma, as the Triton FP8
+    # test (docs/notes/linear.md).
+    assert _rel(out, expected) <= 2.5e-3
 
 
 @pytest.mark.parametrize("shape", [(75600, 13824, 5120), (1000, 1008, 520)])
