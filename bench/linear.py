@@ -3,8 +3,8 @@
 Per (M, K, N), in the same run and on the same random data (x ~ N(0, 1) with a few 10× outlier channels,
 w ~ N(0, 0.02)): bf16 cuBLAS (`torch.matmul`), `torch._int_mm`, cuBLAS FP8 `torch._scaled_mm` (per-tensor
 scales, fast accumulation, no quantization cost), our Triton INT8 and FP8 block-128 paths, each timed for the
-activation quantizer alone, the GEMM alone and both (the number that counts), and the opt-in CUDA C++ INT8 GEMM
-(csrc/w8a8_gemm.cu) in both of its variants. TOPS = 2·M·N·K / time; the
+activation quantizer alone, the GEMM alone and both (the number that counts), and the opt-in CUDA C++ GEMM
+(csrc/w8a8_gemm.cu): INT8 in both of its variants, FP8 alone and with its quantizer. TOPS = 2·M·N·K / time; the
 relative error ‖y − y_fp32‖ / ‖y_fp32‖ is against the float Linear computed in fp32. Also: the device copy rate
 (the memory ceiling) and the fused LayerNorm+modulate against it, and the wgmma instructions in the chosen
 kernels' SASS. Timings are medians of `triton.testing.do_bench` (CUDA events, L2 flushed) after warm-up.
@@ -99,37 +99,11 @@ def bench_shape(m: int, k: int, n: int) -> dict[str, object]:
     row["scaled_mm_ms"] = bench_ms(lambda: torch._scaled_mm(x8_t, w8_t, one, one, out_dtype=torch.bfloat16,
                                                             use_fast_accum=True))
 
-    # Ours, INT8 (the checkpoint format): the Triton kernel, then each CUDA C++ variant (csrc/w8a8_gemm.cu).
+    # Ours, Triton, INT8 (the checkpoint format): activation quantizer + block-scaled GEMM. The opt-in CUDA kernel
+    # is switched off for the Triton rows and timed directly below.
     w8a8_cuda.ENABLED = False
-    w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)  # autotunes once
+    y = w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)  # autotunes once
     row["int8_config"] = str(w8a8._block_scaled_mm_autotuned.best_config)
-    row["triton_gemm_ms"] = bench_ms(lambda: w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16))
-    row["triton_ms"] = bench_ms(lambda: w8a8.int8_linear(x, wq, ws))
-    w8a8_cuda.ENABLED = True
-    row["cuda"] = w8a8_cuda.usable(xq, wq, None, y)
-    w8a8_cuda.ENABLED = ENABLED_BY_USER
-    if row["cuda"]:
-        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-        for variant in range(2):
-            row[f"cuda_v{variant}_ms"] = bench_ms(lambda variant=variant: w8a8_cuda.block_scaled_mm_cuda(
-                xq, xs, wq, ws, None, out, variant=variant))
-            row[f"cuda_v{variant}_tops"] = flops / row[f"cuda_v{variant}_ms"] / 1e9
-        # FP8 e4m3 operands (same blocks), ping-pong: the GEMM and the whole linear (FP8 quantizer + GEMM).
-        fq_, fs_ = w8a8.requantize_int8_to_fp8(wq, ws)
-        xq8_, xs8_ = w8a8.quantize_blockwise(x, "fp8")
-        row["cuda_fp8_ms"] = bench_ms(lambda: w8a8_cuda.block_scaled_mm_cuda(xq8_, xs8_, fq_, fs_, None, out))
-
-        def cuda_fp8_linear() -> torch.Tensor:
-            xq8, xs8 = w8a8.quantize_blockwise(x, "fp8")
-            return w8a8_cuda.block_scaled_mm_cuda(xq8, xs8, fq_, fs_, None, out)
-
-        row["cuda_fp8_linear_ms"] = bench_ms(cuda_fp8_linear)
-        row["cuda_fp8_err"] = rel_error(cuda_fp8_linear(), ref)
-        for key in ("cuda_fp8", "cuda_fp8_linear"):
-            row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
-        row["cuda_fp8_speedup"] = row["bf16_ms"] / row["cuda_fp8_linear_ms"]
-    # The default path (what Int8Linear runs): Triton, or the CUDA kernel where TDSERVE_CUDA_GEMM=1 and usable.
-    y = w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
     row["int8_quant_ms"] = bench_ms(lambda: w8a8.quantize_blockwise(x, "int8"))
     row["int8_gemm_ms"] = bench_ms(lambda: w8a8.block_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16))
     row["int8_ms"] = bench_ms(lambda: w8a8.int8_linear(x, wq, ws))
@@ -147,10 +121,30 @@ def bench_shape(m: int, k: int, n: int) -> dict[str, object]:
     row["fp8_ms"] = bench_ms(lambda: w8a8.fp8_linear(x, fq, fs))
     row["fp8_err"] = rel_error(w8a8.fp8_linear(x, fq, fs), ref)
 
-    for key in ("bf16", "int_mm", "scaled_mm", "triton_gemm", "triton", "int8_gemm", "int8", "fp8_gemm", "fp8"):
+    # The CUDA C++ kernel (csrc/w8a8_gemm.cu): INT8 in both variants, FP8 (ping-pong) alone and with its quantizer.
+    w8a8_cuda.ENABLED = True
+    row["cuda"] = w8a8_cuda.usable(xq, wq, None, y)
+    w8a8_cuda.ENABLED = ENABLED_BY_USER
+    if row["cuda"]:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        for variant in range(2):
+            row[f"cuda_v{variant}_ms"] = bench_ms(lambda variant=variant: w8a8_cuda.block_scaled_mm_cuda(
+                xq, xs, wq, ws, None, out, variant=variant))
+        row["cuda_fp8_ms"] = bench_ms(lambda: w8a8_cuda.block_scaled_mm_cuda(xq8, xs8, fq, fs, None, out))
+
+        def cuda_fp8_linear() -> torch.Tensor:
+            xq8_, xs8_ = w8a8.quantize_blockwise(x, "fp8")
+            return w8a8_cuda.block_scaled_mm_cuda(xq8_, xs8_, fq, fs, None, out)
+
+        row["cuda_fp8_linear_ms"] = bench_ms(cuda_fp8_linear)
+        row["cuda_fp8_err"] = rel_error(cuda_fp8_linear(), ref)
+        for key in ("cuda_v0", "cuda_v1", "cuda_fp8", "cuda_fp8_linear"):
+            row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
+        row["cuda_fp8_speedup"] = row["bf16_ms"] / row["cuda_fp8_linear_ms"]
+
+    for key in ("bf16", "int_mm", "scaled_mm", "int8_gemm", "int8", "fp8_gemm", "fp8"):
         row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
     row["int8_speedup"] = row["bf16_ms"] / row["int8_ms"]
-    row["triton_speedup"] = row["bf16_ms"] / row["triton_ms"]
     row["fp8_speedup"] = row["bf16_ms"] / row["fp8_ms"]
     return row
 
@@ -168,20 +162,19 @@ def bench_ffn(m: int, d: int, f: int) -> dict[str, object]:
     bf16 = torch.nn.Sequential(fc1, torch.nn.GELU(approximate="tanh"), fc2)
     ffn = w8a8.Int8FeedForward(w8a8.Int8Linear.from_linear(fc1), w8a8.Int8Linear.from_linear(fc2))
     with torch.no_grad():
+        w8a8_cuda.ENABLED = False  # the W8A8 rows run Triton; the CUDA row switches it on
         row: dict[str, object] = {"M": m, "D": d, "F": f,
                                   "bf16_ms": bench_ms(lambda: bf16(x)),
                                   "int8_steps_ms": bench_ms(lambda: torch.nn.Sequential.forward(ffn, x)),
                                   "int8_fused_ms": bench_ms(lambda: ffn(x))}
-        w8a8_cuda.ENABLED = False
-        row["triton_fused_ms"] = bench_ms(lambda: ffn(x))
-        w8a8_cuda.ENABLED = True
-        row["cuda_fused_ms"] = bench_ms(lambda: ffn(x))
-        w8a8_cuda.ENABLED = ENABLED_BY_USER
         row["gelu_quant_config"] = str(w8a8._block_scaled_mm_gelu_quant_autotuned.best_config)
         row["bf16_err"] = rel_error(bf16(x), ref)
         row["int8_fused_err"] = rel_error(ffn(x), ref)
+        w8a8_cuda.ENABLED = True
+        row["cuda_fused_ms"] = bench_ms(lambda: ffn(x))  # the Triton kernel where the CUDA one cannot run
+        w8a8_cuda.ENABLED = ENABLED_BY_USER
     flops = 4.0 * m * d * f
-    for key in ("bf16", "int8_steps", "int8_fused", "triton_fused", "cuda_fused"):
+    for key in ("bf16", "int8_steps", "int8_fused", "cuda_fused"):
         row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
     return row
 
@@ -227,17 +220,15 @@ def main() -> None:
     (args.out / "linear.json").write_text(json.dumps({**header, "copy_tbs": copy_tbs, "rows": rows,
                                                       "ffn": ffns, "norms": norms}, indent=1))
 
-    print("\n| M, K, N | bf16 cuBLAS | _int_mm | _scaled_mm fp8 | Triton INT8 GEMM | Triton +quant (×bf16) "
-          "| CUDA free / ping-pong | INT8 GEMM | INT8 +quant (×bf16) | FP8 GEMM "
-          "| FP8 +quant (×bf16) | err bf16 / int8 / fp8 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| M, K, N | bf16 cuBLAS | _int_mm | _scaled_mm fp8 | INT8 GEMM | INT8 +quant (×bf16) "
+          "| CUDA INT8 free / ping-pong | FP8 GEMM | FP8 +quant (×bf16) | err bf16 / int8 / fp8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cuda = " / ".join(f"{r[f'cuda_v{v}_tops']:.0f}" for v in range(2)) if r["cuda"] else "–"
         print(f"| {r['M']}, {r['K']}, {r['N']} | {r['bf16_tops']:.0f} | {r['int_mm_tops']:.0f} | "
-              f"{r['scaled_mm_tops']:.0f} | {r['triton_gemm_tops']:.0f} | {r['triton_tops']:.0f} "
-              f"({r['triton_speedup']:.2f}×) | {cuda} | {r['int8_gemm_tops']:.0f} | {r['int8_tops']:.0f} "
-              f"({r['int8_speedup']:.2f}×) | {r['fp8_gemm_tops']:.0f} | {r['fp8_tops']:.0f} ({r['fp8_speedup']:.2f}×) | "
-              f"{r['bf16_err']:.1e} / {r['int8_err']:.1e} / {r['fp8_err']:.1e} |")
+              f"{r['scaled_mm_tops']:.0f} | {r['int8_gemm_tops']:.0f} | {r['int8_tops']:.0f} "
+              f"({r['int8_speedup']:.2f}×) | {cuda} | {r['fp8_gemm_tops']:.0f} | {r['fp8_tops']:.0f} "
+              f"({r['fp8_speedup']:.2f}×) | {r['bf16_err']:.1e} / {r['int8_err']:.1e} / {r['fp8_err']:.1e} |")
     for r in rows:
         if r["cuda"]:
             print(f"CUDA FP8 {r['M']},{r['K']},{r['N']}: GEMM {r['cuda_fp8_tops']:.0f} TOPS, +quant "
@@ -249,7 +240,6 @@ def main() -> None:
         print(f"FFN M={r['M']} {r['D']}→{r['F']}→{r['D']}: bf16 {r['bf16_ms']:.2f} ms ({r['bf16_tops']:.0f}) | "
               f"W8A8 three steps {r['int8_steps_ms']:.2f} ms ({r['int8_steps_tops']:.0f}) | W8A8 fused "
               f"{r['int8_fused_ms']:.2f} ms ({r['int8_fused_tops']:.0f}, ×{r['bf16_ms'] / r['int8_fused_ms']:.2f}) | "
-              f"Triton fused {r['triton_fused_ms']:.2f} ms ({r['triton_fused_tops']:.0f}) | "
               f"CUDA fused {r['cuda_fused_ms']:.2f} ms ({r['cuda_fused_tops']:.0f}) | "
               f"err bf16 {r['bf16_err']:.1e} fused {r['int8_fused_err']:.1e} | {r['gelu_quant_config']}")
     sass = sass_summary()

@@ -2,17 +2,18 @@
 //
 // y[m, n] = Σ_kb sA[m/128, kb]·sB[n/128, kb]·Σ_{k∈kb} a[m, k]·b[n, k] (+ bias[n]), a [M, K], b [N, K], both int8
 // or both float8 e4m3 (the weight requantized from the INT8 checkpoint, int8_linear.py `requantize_int8_to_fp8`).
-// Each 128-wide K tile's product is exact in int32 and promoted into an fp32 accumulator. The Triton kernel waits
-// for a tile's wgmma and then promotes while the tensor cores idle; here two consumer warpgroups share each SM
-// (DeepGEMM's scheme), so one's promotion overlaps the other's wgmma, and one producer thread feeds a ring of
-// shared-memory stages with the bulk tensor copy engine (TMA). The grid is persistent: the producer loads the next
-// tile while the consumers run the epilogue.
+// Each 128-wide K tile's product (exact in int32 for int8; fp32 from the tensor core for e4m3) is promoted into an
+// fp32 accumulator. The Triton kernel waits for a tile's wgmma and then promotes while the tensor cores idle; here
+// two consumer warpgroups share each SM (DeepGEMM's scheme), so one's promotion can overlap the other's wgmma, and
+// one producer thread feeds a ring of shared-memory stages with the bulk tensor copy engine (TMA). The grid is
+// persistent: the producer loads the next tile while the consumers run the epilogue. Measured on the H100 it ties
+// the Triton kernel with int8 operands at large K and loses at K = 1536 (docs/notes/linear.md), hence opt-in.
 //
 // CTA tile 128×256: a 128-row activation scale block × two 128-column weight scale blocks, so each promotion
 // factor is one scalar. Consumer warpgroup w owns rows [64w, 64w+64) and runs two m64n128k32 wgmma chains per K
-// tile (one per column half) through one int32 register set: 128 fp32 + 64 int32 accumulator registers.
-// With kPingPong the two consumers take turns on the tensor cores (named barriers pass the turn after each chain):
-// left alone they issue together, finish together and promote together, and the tensor cores idle meanwhile.
+// tile (one per column half) through one partial register set: 128 fp32 + 64 partial accumulator registers.
+// With kPingPong the two consumers take turns issuing (named barriers pass the turn once a chain is issued): left
+// alone they issue together, finish together and promote together, and the tensor cores idle meanwhile.
 // Epilogues: bf16 store (+ bias), the Wan residual update (fp32 residual += gate · bf16(y)), and bias + GELU(tanh)
 // + the 128×128 int8 quantizer of the next GEMM's input (each column half of a tile is one quantization block).
 //

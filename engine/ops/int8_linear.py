@@ -478,13 +478,14 @@ def _launch_block_scaled_mm(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None,
     c: torch.Tensor, c_scale: torch.Tensor | None, config: dict[str, int] | None, gate: torch.Tensor | None = None,
 ) -> None:
-    """Launch the GEMM into c (and c_scale when fusing GELU + quantization): the CUDA C++ kernel where it runs
-    (INT8 on Hopper, `w8a8_cuda.usable`), else the Triton kernel, autotuned on CUDA unless a config is pinned."""
+    """Launch the GEMM into c (and c_scale when fusing GELU + quantization): the opt-in CUDA C++ kernel where it
+    runs (`TDSERVE_CUDA_GEMM=1` on Hopper, `w8a8_cuda.usable`), else the Triton kernel, autotuned on CUDA unless a
+    config is pinned."""
     (M, K), N = a.shape, b.shape[0]
     gelu_quant = c_scale is not None
     if config is None and w8a8_cuda.usable(a, b, bias, c):
-        epilogue = "gelu_quant" if gelu_quant else "residual" if gate is not None else "store"
-        if c.dtype == {"gelu_quant": torch.int8, "residual": torch.float32, "store": torch.bfloat16}[epilogue]:
+        epilogue: w8a8_cuda.Epilogue = "gelu_quant" if gelu_quant else "residual" if gate is not None else "store"
+        if c.dtype == w8a8_cuda.OUT_DTYPE[epilogue]:
             w8a8_cuda.block_scaled_mm_cuda(a, a_scale, b, b_scale, bias, c, epilogue=epilogue, gate=gate,
                                            q_scale=c_scale)
             return

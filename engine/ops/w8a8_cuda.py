@@ -34,7 +34,8 @@ SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "w8a8_gemm.cu"
 Epilogue = Literal["store", "residual", "gelu_quant"]
 _EPILOGUE = {"store": 0, "residual": 1, "gelu_quant": 2}
 _BIAS_KIND = {torch.bfloat16: 1, torch.float32: 2}
-_OPERAND = {torch.int8: 0, torch.float8_e4m3fn: 2}  # variant bit 2: e4m3 operands
+_OPERAND = {torch.int8: 0, torch.float8_e4m3fn: 2}  # variant bit 1: e4m3 operands
+OUT_DTYPE: dict[Epilogue, torch.dtype] = {"store": torch.bfloat16, "residual": torch.float32, "gelu_quant": torch.int8}
 # Kernel variant (csrc/w8a8_gemm.cu `w8a8_gemm`), bit 0: 1 = the consumers take turns on the tensor cores
 # (ping-pong), 0 = they issue freely; 1 was the faster on the H100 (docs/notes/linear.md). Bit 1 (e4m3 operands)
 # follows the operands' dtype.
@@ -146,7 +147,7 @@ def block_scaled_mm_cuda(
     if library is None:
         raise RuntimeError("the CUDA W8A8 GEMM is not available")
     (M, K), N = a.shape, b.shape[0]
-    expected_out = {"store": torch.bfloat16, "residual": torch.float32, "gelu_quant": torch.int8}[epilogue]
+    expected_out = OUT_DTYPE[epilogue]
     if out.dtype != expected_out or out.shape != (M, N):
         raise ValueError(f"epilogue {epilogue!r} writes {expected_out} [{M}, {N}]; got {out.dtype} {tuple(out.shape)}")
     rows_per_gate = M // gate.shape[0] if gate is not None else 1
