@@ -19,12 +19,12 @@
 //
 // Host entry `w8a8_gemm` (extern "C", loaded with ctypes by engine/ops/w8a8_cuda.py) returns a cudaError_t code.
 
-#include <cuda.h>
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
 #include <stdint.h>
 
 #include <type_traits>
+
+#include "hopper.cuh"
 
 namespace {
 
@@ -60,102 +60,10 @@ struct Params {
   int group_m;
 };
 
-// ---- PTX wrappers ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
+using namespace hopper;
 
 // Named barriers among the 256 consumer threads (id 0 is __syncthreads; 1 is the GELU epilogue's reduction).
 constexpr int kTurnBarrier = 2;  // 2 + c: consumer c's turn on the tensor cores
-
-__device__ __forceinline__ void named_barrier_sync(int id) {
-  asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(int id) {
-  asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
-}
-
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int inner, int outer, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_addr(dst)),
-      "l"(map), "r"(inner), "r"(outer), "r"(smem_addr(bar))
-      : "memory");
-}
-
-// wgmma shared-memory descriptor of a K-major operand written by TMA with 128-byte swizzle: rows of 128 bytes,
-// 8-row core groups 1024 bytes apart (stride byte offset), layout type 1 = 128B swizzle in bits 62-63.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-
-// The 64 accumulator operands of an m64n128 wgmma, as inline-asm constraints "+r" (int32) or "+f" (fp32).
-#define W8A8_D64(c, d)                                                                                              \
-  c(d[0]), c(d[1]), c(d[2]), c(d[3]), c(d[4]), c(d[5]), c(d[6]), c(d[7]), c(d[8]), c(d[9]), c(d[10]), c(d[11]),    \
-      c(d[12]), c(d[13]), c(d[14]), c(d[15]), c(d[16]), c(d[17]), c(d[18]), c(d[19]), c(d[20]), c(d[21]),           \
-      c(d[22]), c(d[23]), c(d[24]), c(d[25]), c(d[26]), c(d[27]), c(d[28]), c(d[29]), c(d[30]), c(d[31]),           \
-      c(d[32]), c(d[33]), c(d[34]), c(d[35]), c(d[36]), c(d[37]), c(d[38]), c(d[39]), c(d[40]), c(d[41]),           \
-      c(d[42]), c(d[43]), c(d[44]), c(d[45]), c(d[46]), c(d[47]), c(d[48]), c(d[49]), c(d[50]), c(d[51]),           \
-      c(d[52]), c(d[53]), c(d[54]), c(d[55]), c(d[56]), c(d[57]), c(d[58]), c(d[59]), c(d[60]), c(d[61]),           \
-      c(d[62]), c(d[63])
-#define W8A8_D64_REGS                                                                                               \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                         \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                                 \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                                 \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define W8A8_RW_INT(x) "+r"(x)
-#define W8A8_RW_FLOAT(x) "+f"(x)
-
-// d (+)= a · bᵀ for a 64×32 slab of A and a 128×32 slab of B (both K-major in shared memory), per thread 64
-// accumulators: int32 for int8 operands, fp32 for e4m3 (accumulated in the tensor core's reduced precision within
-// the instruction, then promoted by us per 128-wide K tile).
-__device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " W8A8_D64_REGS ", %64, %65, p;\n}"
-               : W8A8_D64(W8A8_RW_INT, d)
-               : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " W8A8_D64_REGS ", %64, %65, p, 1, 1;\n}"
-               : W8A8_D64(W8A8_RW_FLOAT, d)
-               : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
 
 // ---- Tile order --------------------------------------------------------------------------------------------
 
@@ -205,7 +113,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
   float acc[2 * 64];
   // INT8 partials need an int32 → fp32 conversion per element and K tile; FP8 ones come out in fp32.
   std::conditional_t<kFp8, float, int32_t> part[64];
-  if (kPingPong && consumer == 1) named_barrier_arrive(kTurnBarrier);  // consumer 0 goes first
+  if (kPingPong && consumer == 1) named_barrier_arrive(kTurnBarrier, 256);  // consumer 0 goes first
   int it = 0;
   for (int tile = blockIdx.x; tile < tiles_m * tiles_n; tile += gridDim.x) {
     int tm, tn;
@@ -231,7 +139,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
       for (int half = 0; half < 2; ++half) {
         // Ping-pong: the consumers take turns issuing, one chain each, so one's promotion runs while the other's
         // wgmmas do (left alone, both issue together, finish together and promote together).
-        if constexpr (kPingPong) named_barrier_sync(kTurnBarrier + consumer);
+        if constexpr (kPingPong) named_barrier_sync(kTurnBarrier + consumer, 256);
         wgmma_fence();
         // Each k32 step moves 32 bytes along the swizzled rows: + 2 in the descriptor's address field (16-byte units).
         const uint64_t desc_a = smem_desc(a_base), desc_b = smem_desc(b_base + half * kTileBytes);
@@ -240,7 +148,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
         wgmma_commit();
         // Hand the turn over once this chain is issued, not done: the other consumer's chain queues right behind
         // it, so the tensor cores never wait for a completion, an arrive and an issue between chains.
-        if constexpr (kPingPong) named_barrier_arrive(kTurnBarrier + (consumer ^ 1));
+        if constexpr (kPingPong) named_barrier_arrive(kTurnBarrier + (consumer ^ 1), 256);
         wgmma_wait<0>();
         if (half == 1 && warp_leader) mbar_arrive(&empty[s]);  // this warp no longer reads stage s
         const float scale = half == 0 ? scale_lo : scale_hi;
@@ -365,7 +273,7 @@ __device__ __forceinline__ void consume(const Params& p, uint8_t* smem, uint64_t
       }
     }
   }
-  if (kPingPong && consumer == 0) named_barrier_sync(kTurnBarrier);  // the last turn consumer 1 handed over
+  if (kPingPong && consumer == 0) named_barrier_sync(kTurnBarrier, 256);  // the last turn consumer 1 handed over
 }
 
 template <int kEpilogue, bool kPingPong, bool kFp8>
@@ -391,8 +299,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x == 0) {
-      asm volatile("prefetch.tensormap [%0];" ::"l"(&map_a) : "memory");
-      asm volatile("prefetch.tensormap [%0];" ::"l"(&map_b) : "memory");
+      prefetch_tensormap(&map_a);
+      prefetch_tensormap(&map_b);
       const int tiles_m = (p.M + kBlockM - 1) / kBlockM;
       const int tiles_n = (p.N + kBlockN - 1) / kBlockN;
       const int k_tiles = (p.K + kBlockK - 1) / kBlockK;
@@ -417,35 +325,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiled encode_tiled() {
-  static EncodeTiled fn = nullptr;
-  if (fn == nullptr) {
-    void* entry = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault, &status) ==
-            cudaSuccess &&
-        status == cudaDriverEntryPointSuccess) {
-      fn = reinterpret_cast<EncodeTiled>(entry);
-    }
-  }
-  return fn;
-}
-
 // A row-major int8 [rows, K] operand as 128×128-byte boxes with 128-byte swizzle (the wgmma K-major layout).
 bool make_operand_map(CUtensorMap* map, const void* ptr, int rows, int K, long long ld) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld)};  // bytes, for dimension 1
-  const cuuint32_t box[2] = {kBlockK, kBlockM};
-  const cuuint32_t element_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return make_8bit_map(map, ptr, rows, K, ld, kBlockK, kBlockM);
 }
 
 template <int kEpilogue, bool kPingPong, bool kFp8>

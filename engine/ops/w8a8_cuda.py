@@ -8,29 +8,23 @@ persistent grid, 128×256 tiles). On the H100 its INT8 path ran at 0.80–1.01×
 16-byte aligned rows, K a multiple of 16, even N) and only where `nvcc` could build it. `bench/linear.py` times
 it beside Triton every run.
 
-The library is a plain shared object (no torch headers, so it builds in seconds, not minutes), compiled with
-`nvcc -gencode=arch=compute_90a,code=sm_90a` into `$TDSERVE_KERNEL_CACHE` (default ~/.cache/tdserve/kernels),
-named by the source's hash.
+The library is a plain shared object built on demand by `engine.ops.cuda_build` (no torch headers, seconds to
+build).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-log = logging.getLogger(__name__)
+from engine.ops import cuda_build
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "w8a8_gemm.cu"
+SOURCE = cuda_build.CSRC / "w8a8_gemm.cu"
 Epilogue = Literal["store", "residual", "gelu_quant"]
 _EPILOGUE = {"store": 0, "residual": 1, "gelu_quant": 2}
 _BIAS_KIND = {torch.bfloat16: 1, torch.float32: 2}
@@ -42,47 +36,17 @@ OUT_DTYPE: dict[Epilogue, torch.dtype] = {"store": torch.bfloat16, "residual": t
 DEFAULT_VARIANT = 1
 GROUP_M = 8
 ENABLED = os.environ.get("TDSERVE_CUDA_GEMM", "0") == "1"  # slower than Triton on the H100: opt-in
-_NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC"]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "tdserve" / "kernels"))
-
-
-def _nvcc() -> str | None:
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
-        return str(Path(cuda_home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
 
 
 def build(cache_dir: Path | None = None) -> Path:
     """Compile csrc/w8a8_gemm.cu for sm_90a unless the cache holds this source's build; returns the .so path."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_NVCC_FLAGS).encode()).hexdigest()[:16]
-    target = (cache_dir or _cache_dir()) / f"w8a8_gemm-{digest}.so"
-    if target.exists():
-        return target
-    nvcc = _nvcc()
-    if nvcc is None:
-        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        result = subprocess.run([nvcc, *_NVCC_FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True,
-                                text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"nvcc failed ({result.returncode}):\n{result.stderr[-4000:]}")
-        os.replace(partial, target)  # atomic: concurrent workers never load a half-written file
-    return target
+    return cuda_build.build(SOURCE, cache_dir)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    try:
-        library = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError) as error:
-        log.warning("CUDA W8A8 GEMM unavailable, using the Triton kernel: %s", error)
+    library = cuda_build.load(SOURCE)
+    if library is None:
         return None
     i64, i32, ptr = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
     library.w8a8_gemm.restype = i32

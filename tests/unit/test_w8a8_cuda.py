@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.ops import cuda_build, w8a8_cuda
 from engine.ops import int8_linear as w8a8
-from engine.ops import w8a8_cuda
 
 
 def test_never_used_on_cpu_or_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,7 +32,7 @@ def test_cpu_linear_does_not_reach_the_cuda_kernel(monkeypatch: pytest.MonkeyPat
     assert layer(x).shape == (4, 96)
 
 
-@pytest.mark.skipif(w8a8_cuda._nvcc() is None, reason="nvcc not installed")
+@pytest.mark.skipif(cuda_build.nvcc() is None, reason="nvcc not installed")
 def test_source_builds_for_sm90a_and_exports_the_entry(tmp_path: Path) -> None:
     library_path = w8a8_cuda.build(tmp_path)
     assert library_path.exists() and library_path.parent == tmp_path
