@@ -1,9 +1,10 @@
 """Attention benchmark at the Wan shapes (one device call): dense cuDNN / flash SDPA vs `sla` and `sagesla`.
 
-For each shape: cuDNN and flash SDPA (bf16, dense); dense sagesla (FP8 and 16-bit P·V); sagesla and sla at
-topk 0.1 and 0.15 with the block map, quantization and linear branch included in the time; the pre-pass
-alone (statistics, pooling, quantization, top-k); the linear branch's share (sagesla with vs without
-proj_l); two other block geometries; and a per-kernel profile of one sagesla call. Times are medians of ≥ 20
+For each shape: cuDNN and flash SDPA (bf16, dense); dense sagesla on the CUDA kernel (csrc/sagesla_attn.cu)
+and on the Triton kernel (FP8 and 16-bit P·V); sagesla at topk 0.1 and 0.15 with the block map, quantization
+and linear branch included in the time: the sm90 default (128×128 blocks, CUDA kernel), TurboDiffusion's sm90
+64×128 map on the CUDA and on the Triton kernel, and sla; the pre-pass alone; the linear branch's share
+(sagesla with vs without proj_l); and a per-kernel profile of one default sagesla call. Times are medians of ≥ 20
 CUDA-event timings after warm-up. TOPS-equivalent = 4·L²·D·H / time (dense-equivalent work); for sparse rows
 also per kept block (the work actually done). Fidelity beside each time: cosine and relative L1 against fp32
 exact attention (dense rows) or the fp32 reference of the same sparse semantics (sparse rows), on the first
@@ -15,12 +16,13 @@ Run: python bench/attention.py --out attention.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.ops import sla  # noqa: E402
+from engine.ops import sagesla_cuda, sla  # noqa: E402
 
 SHAPES = {"wan2.1-1.3b-480p": (1, 32760, 12, 128), "wan2.1-14b-720p": (1, 75600, 40, 128)}
 
@@ -73,27 +75,39 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+@contextlib.contextmanager
+def triton_kernel_only() -> Iterator[None]:
+    """sagesla's Triton attention kernel instead of the CUDA one (csrc/sagesla_attn.cu), for a side-by-side row."""
+    enabled = sagesla_cuda.ENABLED
+    sagesla_cuda.ENABLED = False
+    try:
+        yield
+    finally:
+        sagesla_cuda.ENABLED = enabled
+
+
 def run_shape(name: str, shape: tuple[int, int, int, int], fidelity_heads: int) -> list[dict]:
     batch, seq, heads, dim = shape
     q, k, v = make_inputs(shape, seed=0)
     torch.manual_seed(0)
     proj_l = torch.nn.Linear(dim, dim).cuda()
     torch.nn.init.normal_(proj_l.weight, std=0.5 / math.sqrt(dim))
-    block_q, block_k = sla.default_block_sizes(q.device)
-    n_kblocks = math.ceil(seq / block_k)
     dense_ops = 4.0 * seq * seq * dim * heads * batch
     sub = tuple(t[:, :, :fidelity_heads] for t in (q, k, v))  # fidelity on the first heads only
-    everything = torch.ones((batch, fidelity_heads, math.ceil(seq / block_q), n_kblocks), dtype=torch.bool,
+    everything = torch.ones((batch, fidelity_heads, math.ceil(seq / 128), math.ceil(seq / 128)), dtype=torch.bool,
                             device="cuda")
-    exact = sla.sparse_attention_reference(*sub, everything, block_q=block_q, block_k=block_k)
-    sparse_refs = {topk: sla.sparse_linear_attention_reference(*sub, topk=topk, block_q=block_q, block_k=block_k,
-                                                               proj_l=proj_l) for topk in (0.1, 0.15)}
+    exact = sla.sparse_attention_reference(*sub, everything, block_q=128, block_k=128)
+    sparse_refs = {(topk, bq, bk): sla.sparse_linear_attention_reference(*sub, topk=topk, block_q=bq, block_k=bk,
+                                                                         proj_l=proj_l)
+                   for topk in (0.1, 0.15) for bq, bk in ((128, 128), (64, 128))}
     rows: list[dict] = []
 
-    def record(method: str, fn: Callable[[], torch.Tensor], topk: float | None, ref: torch.Tensor | None) -> None:
+    def record(method: str, fn: Callable[[], torch.Tensor], topk: float | None, ref: torch.Tensor | None,
+               block_k: int = 128) -> None:
         ms = median_ms(fn)
         row = {"shape": name, "method": method, "ms": round(ms, 4), "tops_dense_equiv": round(dense_ops / ms / 1e9, 1)}
         if topk is not None:
+            n_kblocks = math.ceil(seq / block_k)
             kept = sla.kept_blocks(topk, n_kblocks) / n_kblocks
             row.update(topk=topk, kept_fraction=round(kept, 4),
                        tops_kept_blocks=round(kept * dense_ops / ms / 1e9, 1))
@@ -103,38 +117,31 @@ def run_shape(name: str, shape: tuple[int, int, int, int], fidelity_heads: int) 
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    def sagesla(topk: float, block_q: int, linear: bool = True, fp8: bool = True) -> Callable[[], torch.Tensor]:
+        return lambda: sla.sparse_linear_attention(q, k, v, topk=topk, block_q=block_q, block_k=128,
+                                                   proj_l=proj_l if linear else None, backend="sagesla", fp8_pv=fp8)
+
     record("cudnn_sdpa_bf16", lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), None, exact)
     record("flash_sdpa_bf16", lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), None, exact)
-    for fp8 in (True, False):
-        pv = "fp8pv" if fp8 else "bf16pv"
-        record(f"sagesla_dense_{pv}",
-               lambda: sla.sparse_linear_attention(q, k, v, topk=1.0, backend="sagesla", fp8_pv=fp8), None, exact)
+    record("sagesla_dense_fp8pv_cuda", sagesla(1.0, 128, linear=False), None, exact)
+    with triton_kernel_only():
+        record("sagesla_dense_fp8pv_triton", sagesla(1.0, 64, linear=False), None, exact)
+        record("sagesla_dense_bf16pv_triton", sagesla(1.0, 64, linear=False, fp8=False), None, exact)
     for topk in (0.1, 0.15):
-        for fp8 in (True, False):
-            pv = "fp8pv" if fp8 else "bf16pv"
-            record(f"sagesla_{pv}", lambda: sla.sparse_linear_attention(
-                q, k, v, topk=topk, proj_l=proj_l, backend="sagesla", fp8_pv=fp8), topk, sparse_refs[topk])
-            record(f"sagesla_{pv}_no_linear", lambda: sla.sparse_linear_attention(
-                q, k, v, topk=topk, backend="sagesla", fp8_pv=fp8), topk, None)
-        record("sla_fwd", lambda: sla.sparse_linear_attention(q, k, v, topk=topk, proj_l=proj_l, backend="sla"),
-               topk, sparse_refs[topk])
-        for fp8 in (True, False):
-            # the pre-pass alone: K mean / V absmax / φ(K)ᵀV, pooling, INT8 (+ FP8 V) quantization, top-k
-            record(f"prepass_{'fp8pv' if fp8 else 'bf16pv'}", lambda: sla._prepare(
-                q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=fp8, linear=True).lut,
-                topk, None)
-    for block_q, block_k in ((128, 128), (128, 64)):
-        # other block geometries of the map (different selections, so no fidelity row): which runs fastest
-        topk, n_blocks = 0.1, math.ceil(seq / block_k)
-        for fp8 in (True, False):
-            ms = median_ms(lambda: sla.sparse_linear_attention(q, k, v, topk=topk, block_q=block_q, block_k=block_k,
-                                                               proj_l=proj_l, backend="sagesla", fp8_pv=fp8))
-            kept = sla.kept_blocks(topk, n_blocks) / n_blocks
-            row = {"shape": name, "method": f"sagesla_{'fp8pv' if fp8 else 'bf16pv'}_{block_q}x{block_k}",
-                   "ms": round(ms, 4), "tops_dense_equiv": round(dense_ops / ms / 1e9, 1), "topk": topk,
-                   "kept_fraction": round(kept, 4), "tops_kept_blocks": round(kept * dense_ops / ms / 1e9, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        # the default on sm90: 128×128 blocks, the CUDA kernel; then TurboDiffusion's sm90 64×128 map on both kernels
+        record("sagesla_fp8pv_cuda_128x128", sagesla(topk, 128), topk, sparse_refs[topk, 128, 128])
+        record("sagesla_fp8pv_cuda_128x128_no_linear", sagesla(topk, 128, linear=False), topk, None)
+        record("sagesla_fp8pv_cuda_64x128", sagesla(topk, 64), topk, sparse_refs[topk, 64, 128])
+        with triton_kernel_only():
+            record("sagesla_fp8pv_triton_64x128", sagesla(topk, 64), topk, sparse_refs[topk, 64, 128])
+            record("sagesla_bf16pv_triton_64x128", sagesla(topk, 64, fp8=False), topk, sparse_refs[topk, 64, 128])
+        record("sla_fwd_64x128", lambda topk=topk: sla.sparse_linear_attention(
+            q, k, v, topk=topk, block_q=64, block_k=128, proj_l=proj_l, backend="sla"), topk, sparse_refs[topk, 64, 128])
+        # the pre-pass alone as the CUDA path runs it: statistics, pooling, quantization (+ permuted FP8 Vᵀ), the
+        # linear branch into the output buffer, top-k
+        record("prepass_cuda_path_128x128", lambda topk=topk, out=torch.empty_like(q): sla._prepare(
+            q, k, v, topk=topk, block_q=128, block_k=128, quantize=True, fp8_pv=True, linear=True, proj_l=proj_l,
+            linear_out=out, permute_v=True).lut, topk, None)
     return rows
 
 
@@ -168,10 +175,9 @@ def main() -> None:
     rows = []
     breakdown = {}
     for name in args.shapes.split(","):
-        for fp8 in (True, False):
-            key = f"{name} sagesla topk 0.1 {'fp8pv' if fp8 else 'bf16pv'}"
-            breakdown[key] = kernel_breakdown(SHAPES[name], 0.1, fp8)
-            print(key, json.dumps(breakdown[key], indent=0), flush=True)
+        key = f"{name} sagesla topk 0.1 fp8pv (default path)"
+        breakdown[key] = kernel_breakdown(SHAPES[name], 0.1, True)
+        print(key, json.dumps(breakdown[key], indent=0), flush=True)
         rows += run_shape(name, SHAPES[name], args.fidelity_heads)
     tuned = {kernel.fn.__name__: {str(key): str(config) for key, config in kernel.cache.items()}
              for kernel in (sla._sagesla_fwd_kernel, sla._sla_fwd_kernel)}
@@ -179,9 +185,9 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "autotuned": tuned}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "kernel_breakdown_us": breakdown}, indent=1))
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}")
-    print(f"{'shape':18} {'method':28} {'topk':>5} {'ms':>9} {'TOPS-eq':>8} {'TOPS-kept':>9} {'cos':>9} {'relL1':>7}")
+    print(f"{'shape':18} {'method':38} {'topk':>5} {'ms':>9} {'TOPS-eq':>8} {'TOPS-kept':>9} {'cos':>9} {'relL1':>7}")
     for row in rows:
-        print(f"{row['shape']:18} {row['method']:28} {row.get('topk', ''):>5} {row['ms']:9.3f} "
+        print(f"{row['shape']:18} {row['method']:38} {row.get('topk', ''):>5} {row['ms']:9.3f} "
               f"{row['tops_dense_equiv']:8.0f} {row.get('tops_kept_blocks', ''):>9} {row.get('cos', ''):>9} "
               f"{row.get('rel_l1', ''):>7}")
     print(json.dumps(tuned, indent=1))

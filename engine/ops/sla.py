@@ -27,11 +27,18 @@ Backends of `sparse_linear_attention`:
   epilogue; its key-side sums φ(K)ᵀV and Σφ(K) come out of the same pass that takes the K mean and V absmax.
 
 Pipeline of the Triton backends (tensor layouts):
-  _kv_stats_kernel     k, v [B, L, H, D] -> per-chunk partial Σk, max|v|, φ(K)ᵀV, Σφ(K)   (one read of k, v)
-  _prepare_q_kernel    q -> pooled q [B·H, Mq, D] fp32 (+ int8 q [B·H, Mq·block_q, D], scale [B·H, Mq])
-  _prepare_kv_kernel   k, v -> pooled smoothed k [B·H, Nk, D] (+ int8 k, scale [B·H, Nk], fp8 vᵀ [B·H, D, L_pad])
-  torch.topk           pooled scores -> LUT [B·H, Mq, n_sel] of kept key-block ids
+  _kv_stats_kernel         k, v [B, L, H, D] -> per-chunk partial Σk, max|v|, φ(K)ᵀV, Σφ(K)   (one read of k, v)
+  _kv_stats_finish_kernel  partials -> k mean, v scale, Σφ(K) [B·H, D], φ(K)ᵀV or (φ(K)ᵀV)·proj_lᵀ [B·H, D, D]
+  _kv_proj_normalize_kernel  (with proj_l) (φ(K)ᵀV)·proj_lᵀ -> fp16 over its absmax [B·H]
+  _prepare_kernel          one launch, one program per query block and per key block:
+                           q -> pooled q [B·H, Mq, D] fp32 (+ int8 q [B·H, Mq·block_q, D], scale [B·H, Mq·block_q])
+                           k, v -> pooled smoothed k [B·H, Nk, D] (+ int8 k, scale [B·H, Nk], fp8 vᵀ [B·H, D, L_pad])
+  _linear_out_kernel       (CUDA path, with proj_l) the linear branch into the output buffer
+  _block_topk_kernel       pooled q · pooled kᵀ and the exact top-k -> LUT [B·H, Mq, n_sel], ascending key-block ids
   _sagesla_fwd_kernel / _sla_fwd_kernel   one program per (query block, b·h), loops over its LUT entries
+On an sm90 GPU (head dim 128, FP8 P·V, key blocks of 128) sagesla's attention runs in the CUDA kernel
+csrc/sagesla_attn.cu instead (engine/ops/sagesla_cuda.py; `TDSERVE_CUDA_ATTENTION=0` keeps Triton): the pre-pass
+then stores Vᵀ in that kernel's token order and writes the linear branch into the output, which the kernel adds to.
 """
 
 from __future__ import annotations
@@ -45,11 +52,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from engine.ops import sagesla_cuda
+
 Backend = Literal["torch", "sla", "sagesla"]
 BACKENDS: tuple[str, ...] = ("torch", "sla", "sagesla")
 HEAD_DIMS: tuple[int, ...] = (64, 128)
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): the kernels use exp2 (Triton tutorial 06)
 FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn
+_FP8_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)  # the same, readable inside @triton.jit code
 # p = exp2(s - m + log2 448) puts the row maximum of P at 448, the top of e4m3 (SageAttention2
 # `update_mdo(..., exp_offset)` uses 8.807, slightly under log2 448 = 8.8074, so exp2 never exceeds 448).
 FP8_P_SHIFT = 8.807
@@ -71,10 +81,15 @@ def kept_blocks(topk: float, n_key_blocks: int) -> int:
     return max(1, min(n_key_blocks, int(topk * n_key_blocks)))
 
 
-def default_block_sizes(device: torch.device) -> tuple[int, int]:
-    """(block_q, block_k): 64×128 on sm90, the wgmma CTA shape SageSLA uses there; 128×64 elsewhere (SLA)."""
+def default_block_sizes(device: torch.device, backend: Backend = "sagesla") -> tuple[int, int]:
+    """(block_q, block_k) of the map. Elsewhere than sm90: 128×64, SLA's inference shape.
+
+    sm90: SageSLA's wgmma CTA is 64×128 there, and "sla" keeps that; "sagesla" takes 128×128, where the CUDA
+    kernel's two warpgroups share one K/V stream: on the H100 its kernel time at Wan 1.3B, topk 0.1, fell from
+    0.93 to 0.83 ms (docs/notes/attention.md). The query side stays TurboDiffusion's 128 of other GPUs.
+    """
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return 64, 128
+        return (128, 128) if backend == "sagesla" else (64, 128)
     return 128, 64
 
 
@@ -154,7 +169,7 @@ def sparse_linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels: block-map inputs, quantization, statistics.
+# Triton kernels: the pre-pass (statistics, pooling, quantization, block top-k).
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -201,7 +216,8 @@ def _kv_stats_kernel(
                 v_max = tl.maximum(v_max, tl.max(tl.abs(v_raw.to(tl.float32)), axis=0))
             if LINEAR:
                 k_exp = tl.exp(k_t - tl.max(k_t, axis=0)[None, :])
-                phi_k_t = k_exp / tl.sum(k_exp, axis=0)[None, :]
+                # one reciprocal per token instead of D divisions
+                phi_k_t = k_exp * (1.0 / tl.sum(k_exp, axis=0))[None, :]
                 phi_k_t = tl.where(valid[None, :], phi_k_t, 0.0)  # padded tokens are no keys
                 k_feature_sum += tl.sum(phi_k_t, axis=1)
                 kv = tl.dot(phi_k_t.to(v_raw.dtype), v_raw, kv)  # [D, D] += φ(K)ᵀ V
@@ -212,6 +228,82 @@ def _kv_stats_kernel(
     if LINEAR:
         tl.store(KZPart + part * HEAD_DIM + offs_d, k_feature_sum)
         tl.store(KVPart + part * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], kv)
+
+
+@triton.jit
+def _kv_stats_finish_kernel(
+    # pointers: partials of _kv_stats_kernel [B·H, N_CHUNKS, D] (φ(K)ᵀV: [B·H, N_CHUNKS, D, D]); outputs k mean,
+    # v scale (absmax / 448), Σφ(K) [B·H, D]; φ(K)ᵀV [B·H, D, D] fp32 (LINEAR, not FOLD); proj_l weight W [D, D]
+    # fp32, (φ(K)ᵀV)·Wᵀ [B·H, D, D] fp32 and its absmax per tile of ROWS rows [B·H, D / ROWS] (FOLD)
+    KSumPart, VMaxPart, KVPart, KZPart, KMean, VScale, KZ, KV, ProjWeight, KVProj, KVProjTileMax,
+    # sizes
+    L, N_CHUNKS,
+    # meta-parameters
+    ROWS: tl.constexpr, CHUNK_STEP: tl.constexpr, HEAD_DIM: tl.constexpr, V_ABSMAX: tl.constexpr,
+    LINEAR: tl.constexpr, FOLD: tl.constexpr,
+):
+    """Sum the partials of ROWS head-dim channels of one (b, h), and fold proj_l into those rows of φ(K)ᵀV.
+
+    One launch instead of a torch reduction per statistic; the order of the sums is fixed, so they stay
+    deterministic. CHUNK_STEP partials per load keep several loads in flight without relying on the pipeliner.
+    Rows of (φ(K)ᵀV)·Wᵀ need only the same rows of φ(K)ᵀV; _kv_proj_normalize_kernel finishes its absmax.
+    """
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_tiles = tl.num_programs(0)
+    rows = pid_tile * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_sum = tl.zeros([ROWS], dtype=tl.float32)
+    v_max = tl.zeros([ROWS], dtype=tl.float32)
+    k_feature_sum = tl.zeros([ROWS], dtype=tl.float32)
+    kv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for first_chunk in range(0, N_CHUNKS, CHUNK_STEP):
+        chunks = first_chunk + tl.arange(0, CHUNK_STEP)
+        chunk_valid = (chunks < N_CHUNKS)[:, None]
+        vector_offs = (pid_bh * N_CHUNKS + chunks)[:, None] * HEAD_DIM + rows[None, :]  # [CHUNK_STEP, ROWS]
+        k_sum += tl.sum(tl.load(KSumPart + vector_offs, mask=chunk_valid, other=0.0), axis=0)
+        if V_ABSMAX:
+            v_max = tl.maximum(v_max, tl.max(tl.load(VMaxPart + vector_offs, mask=chunk_valid, other=0.0), axis=0))
+        if LINEAR:
+            k_feature_sum += tl.sum(tl.load(KZPart + vector_offs, mask=chunk_valid, other=0.0), axis=0)
+            kv_part = tl.load(KVPart + vector_offs[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                              mask=chunk_valid[:, :, None], other=0.0)  # [CHUNK_STEP, ROWS, D]
+            kv += tl.sum(kv_part, axis=0)
+    out_rows = pid_bh * HEAD_DIM + rows
+    tl.store(KMean + out_rows, k_sum / L)
+    if V_ABSMAX:
+        tl.store(VScale + out_rows, v_max / _FP8_E4M3_MAX)
+    if LINEAR:
+        tl.store(KZ + out_rows, k_feature_sum)
+        if FOLD:
+            w_t = tl.load(ProjWeight + offs_d[None, :] * HEAD_DIM + offs_d[:, None])  # Wᵀ [D_in, D_out]
+            # plain fp32 FMAs like torch.matmul in fp32: ROWS·D² is too small for TF32 to pay for its error
+            kv_proj = tl.dot(kv, w_t, input_precision="ieee")
+            tl.store(KVProj + out_rows[:, None] * HEAD_DIM + offs_d[None, :], kv_proj)
+            tl.store(KVProjTileMax + pid_bh * n_tiles + pid_tile, tl.max(tl.max(tl.abs(kv_proj), axis=1), axis=0))
+        else:
+            tl.store(KV + out_rows[:, None] * HEAD_DIM + offs_d[None, :], kv)
+
+
+@triton.jit
+def _kv_proj_normalize_kernel(
+    # pointers: (φ(K)ᵀV)·Wᵀ [B·H, D, D] fp32 and its absmax per row tile [B·H, N_TILES]; outputs: the same
+    # divided by its absmax in fp16 [B·H, D, D], the absmax [B·H]
+    KVProj, KVProjTileMax, KVProj16, KVProjScale,
+    # meta-parameters
+    ROWS: tl.constexpr, N_TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """ROWS rows of (φ(K)ᵀV)·Wᵀ to fp16 over the per-(b, h) absmax: the product grows with L, fp16 would overflow."""
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    tile_max = tl.load(KVProjTileMax + pid_bh * N_TILES + tl.arange(0, N_TILES))
+    scale = tl.maximum(tl.max(tile_max, axis=0), 1e-30)  # an all-zero product stays 0
+    rows = pid_tile * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs = (pid_bh * HEAD_DIM + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(KVProj16 + offs, (tl.load(KVProj + offs) / scale).to(tl.float16))
+    if pid_tile == 0:
+        tl.store(KVProjScale + pid_bh, scale)
 
 
 @triton.jit
@@ -235,58 +327,91 @@ def _quantize_int8(x, valid_rows, PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def _prepare_q_kernel(
-    # pointers: q [B, L, H, D]; pooled q [B·H, Mq, D] fp32; int8 q [B·H, Mq·BLOCK_M, D] + per-token scales
-    # [B·H, Mq·BLOCK_M]
+def _permuted_v_source_token(column):
+    """The token whose V lands in column `column` of the permuted Vᵀ (`permute_v`): κ⁻¹ in each group of 32.
+
+    κ(j) = (j & 0b10001) | ((j & 0b00110) << 1) | ((j & 0b01000) >> 2) sends token 32c + j to column 32c + κ(j);
+    the inverse undoes the three bit moves. κ keeps bits 0 and 4, so a token stays in its aligned group of 16.
+    """
+    return (column & -32) | (column & 0b10001) | ((column & 0b00010) << 2) | ((column & 0b01100) >> 1)
+
+
+@triton.jit
+def _prepare_q_block(
     Q, QPool, Q8, QScale,
-    # sizes and the score scale folded into q before quantization (1/sqrt(D) · log2 e)
-    L, H, qk_scale_log2,
-    # strides of q in elements (batch, token, head)
+    pid_m, pid_bh, batch, head, L, N_QBLOCKS, qk_scale_log2,
     stride_qb, stride_ql, stride_qh,
-    # meta-parameters
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
 ):
-    """Mean-pool one query block (and quantize it to INT8 with sm_scale·log2 e folded into its scale).
+    """Mean-pool one query block and quantize it to INT8 (sm_scale·log2 e folded in).
 
     Q gets one scale per token, not per block: the score is multiplied by a per-row vector instead of a
     scalar (same cost), and Q outlier channels then only coarsen their own token (measured on CPU in
     docs/notes/attention.md: rel-L1 0.027 -> 0.016 with two ×4 channels).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    n_qblocks = tl.num_programs(0)
-    batch, head = pid_bh // H, pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = rows < L
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + rows.to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
+    rows64 = rows.to(tl.int64)
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + rows64[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
     count = tl.minimum(L - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    tl.store(QPool + (pid_bh * n_qblocks + pid_m) * HEAD_DIM + offs_d, tl.sum(q, axis=0) / count)
+    tl.store(QPool + (pid_bh * N_QBLOCKS + pid_m) * HEAD_DIM + offs_d, tl.sum(q, axis=0) / count)
     if QUANT:
         q8, scale = _quantize_int8(q * qk_scale_log2, valid, True)
-        padded_rows = n_qblocks * BLOCK_M
+        padded_rows = N_QBLOCKS * BLOCK_M
         tl.store(Q8 + (pid_bh * padded_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :], q8)
         tl.store(QScale + pid_bh * padded_rows + rows, scale)
 
 
 @triton.jit
-def _prepare_kv_kernel(
-    # pointers: k, v [B, L, H, D]; k mean [B·H, D]; v scale [B·H, D]; pooled smoothed k [B·H, Nk, D];
-    # int8 smoothed k [B·H, L_PAD, D] and scales [B·H, Nk]; fp8 vᵀ [B·H, D, L_PAD]
-    K, V, KMean, VScale, KPool, K8, KScale, V8T,
-    # sizes (L_PAD = Nk · BLOCK_N)
-    L, H, L_PAD,
-    # strides of k and v in elements (batch, token, head)
-    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+def _linear_out_kernel(
+    # pointers: q [B, L, H, D]; (φ(K)ᵀV)·Wᵀ [B·H, D, D] fp16 over its absmax [B·H], Σφ(K) [B·H, D], proj_l bias
+    # [D]; output [B, L, H, D]
+    Q, KVProj, KVProjScale, KZ, ProjBias, Out,
+    # sizes
+    L, H,
+    # strides in elements (batch, token, head) of q and the output
+    stride_qb, stride_ql, stride_qh, stride_ob, stride_ol, stride_oh,
     # meta-parameters
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT_K: tl.constexpr, V_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """The linear branch of BLOCK_M tokens into the output, for the CUDA kernel to add the attention to.
+
+    Op for op the `if LINEAR:` epilogue of _sagesla_fwd_kernel: proj_l(o_l) = (φ(Q)·(φ(K)ᵀV)·Wᵀ) / (φ(Q)·Σφ(K)
+    + eps) + b. Its own launch with small tiles: fused into the pooling pass at 128-token blocks it spilled and
+    cost 0.37 ms at Wan 1.3B on the H100.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch, head = pid_bh // H, pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = rows < L
+    rows64 = rows.to(tl.int64)
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + rows64[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+    q_exp = tl.exp(q - tl.max(q, axis=1)[:, None])
+    phi_q = q_exp / tl.sum(q_exp, axis=1)[:, None]
+    kv_proj = tl.load(KVProj + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+    k_feature_sum = tl.load(KZ + pid_bh * HEAD_DIM + offs_d)
+    denominator = tl.sum(phi_q * k_feature_sum[None, :], axis=1) + _LINEAR_EPS
+    linear_scale = tl.load(KVProjScale + pid_bh) / denominator
+    linear = tl.dot(phi_q.to(kv_proj.dtype), kv_proj) * linear_scale[:, None] + tl.load(ProjBias + offs_d)[None, :]
+    out_ptrs = Out + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ol + offs_d[None, :]
+    tl.store(out_ptrs, linear.to(Out.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _prepare_kv_block(
+    K, V, KMean, VScale, KPool, K8, KScale, V8T,
+    pid_n, pid_bh, batch, head, L, L_PAD,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, V_FP8: tl.constexpr,
+    PERMUTE_V: tl.constexpr,
 ):
     """Pool one smoothed key block; optionally quantize it to INT8 and its V block to FP8 (transposed)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    n_kblocks = tl.num_programs(0)
-    batch, head = pid_bh // H, pid_bh % H
+    n_kblocks = L_PAD // BLOCK_N
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = rows < L
@@ -297,17 +422,101 @@ def _prepare_kv_kernel(
     k_smooth = tl.where(valid[:, None], k - k_mean[None, :], 0.0)
     count = tl.minimum(L - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
     tl.store(KPool + (pid_bh * n_kblocks + pid_n) * HEAD_DIM + offs_d, tl.sum(k_smooth, axis=0) / count)
-    if QUANT_K:
+    if QUANT:
         k8, scale = _quantize_int8(k_smooth, valid, False)
         tl.store(K8 + (pid_bh * L_PAD + rows64)[:, None] * HEAD_DIM + offs_d[None, :], k8)
         tl.store(KScale + pid_bh * n_kblocks + pid_n, scale)
     if V_FP8:
-        v_ptrs = V + batch * stride_vb + head * stride_vh + rows64[:, None] * stride_vl + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        # row i of the tile is stored to column rows[i]; permuting which token is loaded into it (instead of
+        # where it is stored) keeps both the load (along D) and the transposed store contiguous
+        if PERMUTE_V:
+            tokens = _permuted_v_source_token(rows)
+        else:
+            tokens = rows
+        v_ptrs = V + batch * stride_vb + head * stride_vh + tokens.to(tl.int64)[:, None] * stride_vl + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=(tokens < L)[:, None], other=0.0).to(tl.float32)
         v_scale = tl.load(VScale + pid_bh * HEAD_DIM + offs_d)
         v8 = (v / tl.maximum(v_scale, 1e-30)[None, :]).to(tl.float8e4nv)  # an all-zero channel stays 0
         # stored transposed [D, L_PAD]: FP8 wgmma wants both operands K-major, and P·V reduces over tokens
         tl.store(V8T + (pid_bh * HEAD_DIM + offs_d)[None, :] * L_PAD + rows64[:, None], v8)
+
+
+@triton.jit
+def _prepare_kernel(
+    # pointers: q, k, v [B, L, H, D]; k mean, v scale [B·H, D]; pooled q [B·H, Mq, D] fp32, int8 q
+    # [B·H, Mq·BLOCK_M, D] + per-token scales [B·H, Mq·BLOCK_M]; pooled smoothed k [B·H, Nk, D] fp32, int8 smoothed
+    # k [B·H, L_PAD, D] + per-block scales [B·H, Nk], fp8 vᵀ [B·H, D, L_PAD]
+    Q, K, V, KMean, VScale, QPool, Q8, QScale, KPool, K8, KScale, V8T,
+    # sizes (L_PAD = Nk · BLOCK_N) and the score scale folded into q before quantization (1/sqrt(D) · log2 e)
+    L, H, N_QBLOCKS, L_PAD, qk_scale_log2,
+    # strides in elements (batch, token, head) of q, k, v
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
+    V_FP8: tl.constexpr, PERMUTE_V: tl.constexpr,
+):
+    """One query block (program ids below N_QBLOCKS) or one key block (the rest): one launch for both."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch, head = pid_bh // H, pid_bh % H
+    if pid < N_QBLOCKS:
+        _prepare_q_block(Q, QPool, Q8, QScale, pid, pid_bh, batch, head, L, N_QBLOCKS, qk_scale_log2,
+                         stride_qb, stride_ql, stride_qh, BLOCK_M, HEAD_DIM, QUANT)
+    else:
+        _prepare_kv_block(K, V, KMean, VScale, KPool, K8, KScale, V8T,
+                          pid - N_QBLOCKS, pid_bh, batch, head, L, L_PAD,
+                          stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+                          BLOCK_N, HEAD_DIM, QUANT, V_FP8, PERMUTE_V)
+
+
+@triton.jit
+def _block_topk_kernel(
+    # pointers: pooled q [B·H, Mq, D] and pooled smoothed k [B·H, Nk, D] fp32; LUT [B·H, Mq, N_SEL] int64
+    QPool, KPool, LUT,
+    # sizes
+    N_QBLOCKS, N_KBLOCKS, N_SEL,
+    # meta-parameters: ROWS query blocks per program, NK_PAD = Nk rounded up to a power of two
+    ROWS: tl.constexpr, NK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
+):
+    """The N_SEL best key blocks of ROWS query blocks by score = pooled q · pooled kᵀ, in ascending block order.
+
+    An exact selection without a sort: the scores become unsigned integers of the same order, 32 bisection steps
+    over their bits find each row's N_SEL-th largest (radix select, one compare and count per step), and a prefix
+    sum gives each kept block its LUT slot. Equal scores at the threshold go to the lower block ids.
+    """
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, NK_PAD)
+    row_valid = rows < N_QBLOCKS
+    col_valid = cols < N_KBLOCKS
+    q_base = QPool + (pid_bh * N_QBLOCKS + rows)[:, None] * HEAD_DIM
+    k_base = KPool + (pid_bh * N_KBLOCKS + cols)[None, :] * HEAD_DIM
+    score = tl.zeros([ROWS, NK_PAD], dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, D_CHUNK):
+        offs_d = d0 + tl.arange(0, D_CHUNK)
+        q = tl.load(q_base + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        k_t = tl.load(k_base + offs_d[:, None], mask=col_valid[None, :], other=0.0)  # [D_CHUNK, NK_PAD]
+        # three TF32 products (big·big + big·small + small·big) keep about fp32 accuracy, so the ranking agrees
+        # with the fp32 reference; plain TF32 (10-bit mantissa) would reorder close scores
+        score = tl.dot(q, k_t, score, input_precision="tf32x3")
+    bits = score.to(tl.uint32, bitcast=True)
+    # unsigned order = float order: flip every bit of a negative float, only the sign bit of the others
+    key = bits ^ tl.where((bits >> 31) == 1, 0xFFFFFFFF, 0x80000000)
+    key = tl.where(col_valid[None, :], key, 0)  # padded key blocks sort below every real score
+    threshold = tl.zeros([ROWS], dtype=tl.uint32)  # built from the top bit: the largest t with N_SEL keys ≥ t
+    for i in tl.static_range(32):
+        candidate = threshold | (1 << (31 - i))
+        n_at_least = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
+        threshold = tl.where(n_at_least >= N_SEL, candidate, threshold)
+    above = key > threshold[:, None]
+    tied = (key == threshold[:, None]) & col_valid[None, :]
+    ties_kept = N_SEL - tl.sum(above.to(tl.int32), axis=1)
+    tie_rank = tl.cumsum(tied.to(tl.int32), axis=1) - tied.to(tl.int32)
+    kept = above | (tied & (tie_rank < ties_kept[:, None]))
+    slot = tl.cumsum(kept.to(tl.int32), axis=1) - 1
+    lut_ptrs = LUT + (pid_bh * N_QBLOCKS + rows)[:, None] * N_SEL + slot
+    tl.store(lut_ptrs, tl.broadcast_to(cols[None, :], [ROWS, NK_PAD]), mask=kept & row_valid[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -592,10 +801,20 @@ def _heads_first_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-# statistics-pass launch shape, measured on the H100 (docs/notes/attention.md): 8 warps and 4 programs per SM
-# take the pass from 362 to 236 us at Wan 1.3B (2986 -> 1713 us at 14B); each program adds a D² fp32 partial
-_STATS_PROGRAMS_PER_SM = 4
+# Launch constants of the pre-pass, from a sweep on the H100 (docs/notes/attention.md, session 4; about ±0.05 ms
+# of noise at Wan 1.3B): 8 warps for the statistics pass and 2 programs per SM (4 had been best while torch
+# reduced the partials; with the Triton finish kernel fewer partials pay); the finish kernel sums 8 partials per
+# load over ROWS = 16 head-dim channels (tl.dot's smallest M); the pooling pass runs 8 warps.
+_STATS_PROGRAMS_PER_SM = 2
 _STATS_WARPS = 8
+_FINISH_ROWS = 16
+_FINISH_CHUNK_STEP = 8
+_PREPARE_WARPS = 8
+# block top-k: fp32 scores held per program, and per warp (32 a thread); the pooled-k chunk of a pipeline
+# stage holds as many (32 KB, at least 16 channels); tokens per program of the linear-branch pass: not measured
+_TOPK_SCORES_PER_PROGRAM = 8192
+_TOPK_SCORES_PER_WARP = 1024
+_LINEAR_OUT_ROWS = 64
 
 
 def _n_chunks(n_key_blocks: int, batch_heads: int, device: torch.device) -> int:
@@ -608,24 +827,29 @@ class _Prepared:
     """What the block-selection pass produces for one call (all [B·H, ...], b·h = b·H + h)."""
 
     def __init__(self, lut: torch.Tensor, n_sel: int, dense: bool, k_mean: torch.Tensor, **extra: torch.Tensor):
-        self.lut = lut  # [B·H, Mq, n_sel] int64 key-block ids, unsorted (contiguous unless dense)
+        # [B·H, Mq, n_sel] int64 key-block ids, ascending in each row, so a ragged last block comes last
+        # (contiguous unless dense)
+        self.lut = lut
         self.n_sel = n_sel
         self.dense = dense  # every block kept: the kernels walk the blocks in order, the LUT is unused
         self.k_mean = k_mean  # [B·H, D]
         self.extra = extra
 
 
-def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, block_q: int, block_k: int,
-             quantize: bool, fp8_pv: bool, linear: bool) -> _Prepared:
-    """Statistics, pooling (+ INT8/FP8 quantization) and the top-k block selection, for both Triton backends."""
-    batch, seq, heads, dim = q.shape
-    bh, device = batch * heads, q.device
-    n_qblocks, n_kblocks = triton.cdiv(seq, block_q), triton.cdiv(seq, block_k)
-    padded_keys = n_kblocks * block_k
+def _key_statistics(k: torch.Tensor, v: torch.Tensor, *, block_k: int, fp8_pv: bool, linear: bool,
+                    proj_l: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
+    """The whole-sequence statistics of k and v, all [B·H, ...] fp32 unless said otherwise.
+
+    Always "k_mean" [D]. fp8_pv: "v_scale" = max|v| / 448 [D]. linear: "kz" = Σφ(K) [D], and "kv" = φ(K)ᵀV [D, D],
+    or with proj_l "kv_proj" = (φ(K)ᵀV)·Wᵀ in fp16 divided by "kv_proj_scale" (its absmax, [B·H]) and
+    "proj_bias" [D]: what the linear-branch epilogue reads.
+    """
+    batch, seq, heads, dim = k.shape
+    bh, device, f32 = batch * heads, k.device, torch.float32
+    n_kblocks = triton.cdiv(seq, block_k)
     chunks = _n_chunks(n_kblocks, bh, device)
     blocks_per_chunk = triton.cdiv(n_kblocks, chunks)
     chunks = triton.cdiv(n_kblocks, blocks_per_chunk)
-    f32 = torch.float32
     k_sum_part = _empty((bh, chunks, dim), f32, device)
     v_max_part = _empty((bh, chunks, dim), f32, device) if fp8_pv else None
     kv_part = _empty((bh, chunks, dim, dim), f32, device) if linear else None
@@ -636,14 +860,99 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
         *_heads_first_strides(k), *_heads_first_strides(v),
         BLOCK_N=block_k, HEAD_DIM=dim, V_ABSMAX=fp8_pv, LINEAR=linear, num_warps=_STATS_WARPS,
     )
-    k_mean = k_sum_part.sum(dim=1) / seq  # [B·H, D]
-    extra: dict[str, torch.Tensor] = {}
-    if fp8_pv:
-        extra["v_scale"] = v_max_part.amax(dim=1) / FP8_E4M3_MAX  # [B·H, D]
-    if linear:
-        extra["kv"] = kv_part.sum(dim=1)  # [B·H, D, D]
-        extra["kz"] = kz_part.sum(dim=1)  # [B·H, D]
 
+    fold = proj_l is not None
+    n_tiles = dim // _FINISH_ROWS
+    stats = {"k_mean": _empty((bh, dim), f32, device)}
+    if fp8_pv:
+        stats["v_scale"] = _empty((bh, dim), f32, device)
+    if linear:
+        stats["kz"] = _empty((bh, dim), f32, device)
+    if linear and not fold:
+        stats["kv"] = _empty((bh, dim, dim), f32, device)
+    weight = proj_l.weight.detach().float().contiguous() if fold else None
+    kv_proj = _empty((bh, dim, dim), f32, device) if fold else None
+    kv_proj_tile_max = _empty((bh, n_tiles), f32, device) if fold else None
+    _kv_stats_finish_kernel[(n_tiles, bh)](
+        k_sum_part, v_max_part, kv_part, kz_part, stats["k_mean"], stats.get("v_scale"), stats.get("kz"),
+        stats.get("kv"), weight, kv_proj, kv_proj_tile_max,
+        seq, chunks,
+        ROWS=_FINISH_ROWS, CHUNK_STEP=_FINISH_CHUNK_STEP, HEAD_DIM=dim, V_ABSMAX=fp8_pv, LINEAR=linear, FOLD=fold,
+        num_warps=4,
+    )
+    if fold:
+        stats["kv_proj"] = _empty((bh, dim, dim), torch.float16, device)
+        stats["kv_proj_scale"] = _empty((bh,), f32, device)
+        stats["proj_bias"] = proj_l.bias.detach().float().contiguous()
+        _kv_proj_normalize_kernel[(n_tiles, bh)](
+            kv_proj, kv_proj_tile_max, stats["kv_proj"], stats["kv_proj_scale"],
+            ROWS=_FINISH_ROWS, N_TILES=n_tiles, HEAD_DIM=dim, num_warps=4,
+        )
+    return stats
+
+
+def _block_topk(q_pool: torch.Tensor, k_pool: torch.Tensor, n_sel: int) -> torch.Tensor:
+    """LUT [B·H, Mq, n_sel] int64 of the n_sel best key blocks per query block, ascending; pools [B·H, *, D] fp32.
+
+    Selects the same blocks as `torch.topk(q_pool @ k_poolᵀ, n_sel)` in one launch (torch needs a bmm, and at
+    Wan 14B's 591 key blocks its multi-block top-k took 1.2 ms on the H100). Ties go to the lower block id.
+    """
+    bh, n_qblocks, dim = q_pool.shape
+    n_kblocks = k_pool.shape[1]
+    nk_pad = max(16, triton.next_power_of_2(n_kblocks))  # tl.dot needs every dim ≥ 16
+    rows = max(16, min(64, _TOPK_SCORES_PER_PROGRAM // nk_pad))
+    d_chunk = min(dim, max(16, _TOPK_SCORES_PER_PROGRAM // nk_pad))
+    warps = max(4, min(16, rows * nk_pad // _TOPK_SCORES_PER_WARP))
+    lut = _empty((bh, n_qblocks, n_sel), torch.int64, q_pool.device)
+    _block_topk_kernel[(triton.cdiv(n_qblocks, rows), bh)](
+        q_pool, k_pool, lut, n_qblocks, n_kblocks, n_sel,
+        ROWS=rows, NK_PAD=nk_pad, HEAD_DIM=dim, D_CHUNK=d_chunk, num_warps=warps, num_stages=2,
+    )
+    return lut
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, block_q: int, block_k: int,
+             quantize: bool, fp8_pv: bool, linear: bool, proj_l: torch.nn.Linear | None = None,
+             linear_out: torch.Tensor | None = None, permute_v: bool = False) -> _Prepared:
+    """Statistics, pooling (+ INT8/FP8 quantization) and the top-k block selection, for both Triton backends.
+
+    Four launches (five with proj_l), no host sync. `extra` holds, all [B·H, ...]: with quantize "q8"
+    [Mq·block_q, D] int8, "q_scale" [Mq·block_q], "k8" [L_pad, D] int8 (smoothed K), "k_scale" [Nk]; with fp8_pv
+    "v8t" [D, L_pad] float8_e4m3fn (V over "v_scale", transposed); and the statistics of `_key_statistics`.
+
+    Args:
+        linear: compute the linear branch's key-side sums (Σφ(K), φ(K)ᵀV).
+        proj_l: fold this Linear(D, D) into φ(K)ᵀV ("kv_proj", "kv_proj_scale", "proj_bias"); needs linear.
+        linear_out: a [B, L, H, D] bf16/fp16 buffer (head dim contiguous) that receives, for every token,
+            proj_l(o_l) = φ(q)·kv_proj·kv_proj_scale / (φ(q)·Σφ(K) + 1e-5) + b, which is what the sagesla
+            epilogue adds to the attention output; needs proj_l.
+        permute_v: store "v8t" with the tokens of each aligned group of 32 permuted: token 32c + j goes to column
+            32c + κ(j), κ(j) = (j & 0b10001) | ((j & 0b00110) << 1) | ((j & 0b01000) >> 2). This is the k order of
+            an FP8 wgmma A operand taken from accumulator registers (the CUDA kernel's P), so P·V stays exact.
+            The Triton sagesla kernel reads the unpermuted layout. Needs fp8_pv.
+
+    Raises:
+        ValueError: for an option without the one it needs, or a linear_out of the wrong shape, dtype or layout.
+    """
+    if proj_l is not None and not linear:
+        raise ValueError("proj_l is folded into the linear branch's sums: it needs linear=True")
+    if linear_out is not None:
+        if proj_l is None:
+            raise ValueError("linear_out holds proj_l(linear branch): it needs proj_l")
+        if (linear_out.shape != q.shape or linear_out.dtype not in (torch.bfloat16, torch.float16)
+                or linear_out.stride(-1) != 1 or linear_out.device != q.device):
+            raise ValueError(f"linear_out must be a bf16/fp16 {tuple(q.shape)} tensor on {q.device} with a "
+                             f"contiguous head dim; got {linear_out.dtype} {tuple(linear_out.shape)} with strides "
+                             f"{linear_out.stride()} on {linear_out.device}")
+    if permute_v and not fp8_pv:
+        raise ValueError("permute_v permutes the FP8 Vᵀ: it needs fp8_pv=True")
+    batch, seq, heads, dim = q.shape
+    bh, device, f32 = batch * heads, q.device, torch.float32
+    n_qblocks, n_kblocks = triton.cdiv(seq, block_q), triton.cdiv(seq, block_k)
+    padded_keys = n_kblocks * block_k
+
+    extra = _key_statistics(k, v, block_k=block_k, fp8_pv=fp8_pv, linear=linear, proj_l=proj_l)
+    k_mean = extra.pop("k_mean")
     q_pool = _empty((bh, n_qblocks, dim), f32, device)
     k_pool = _empty((bh, n_kblocks, dim), f32, device)
     if quantize:
@@ -653,24 +962,27 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
         extra["k_scale"] = _empty((bh, n_kblocks), f32, device)
     if fp8_pv:
         extra["v8t"] = _empty((bh, dim, padded_keys), torch.float8_e4m3fn, device)
-    _prepare_q_kernel[(n_qblocks, bh)](
-        q, q_pool, extra.get("q8"), extra.get("q_scale"),
-        seq, heads, LOG2E / math.sqrt(dim), *_heads_first_strides(q),
-        BLOCK_M=block_q, HEAD_DIM=dim, QUANT=quantize, num_warps=4,
+    _prepare_kernel[(n_qblocks + n_kblocks, bh)](
+        q, k, v, k_mean, extra.get("v_scale"), q_pool, extra.get("q8"), extra.get("q_scale"), k_pool,
+        extra.get("k8"), extra.get("k_scale"), extra.get("v8t"),
+        seq, heads, n_qblocks, padded_keys, LOG2E / math.sqrt(dim),
+        *_heads_first_strides(q), *_heads_first_strides(k), *_heads_first_strides(v),
+        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, QUANT=quantize, V_FP8=fp8_pv, PERMUTE_V=permute_v,
+        num_warps=_PREPARE_WARPS,
     )
-    _prepare_kv_kernel[(n_kblocks, bh)](
-        k, v, k_mean, extra.get("v_scale"), k_pool, extra.get("k8"), extra.get("k_scale"), extra.get("v8t"),
-        seq, heads, padded_keys, *_heads_first_strides(k), *_heads_first_strides(v),
-        BLOCK_N=block_k, HEAD_DIM=dim, QUANT_K=quantize, V_FP8=fp8_pv, num_warps=4,
-    )
+    if linear_out is not None:
+        _linear_out_kernel[(triton.cdiv(seq, _LINEAR_OUT_ROWS), bh)](
+            q, extra["kv_proj"], extra["kv_proj_scale"], extra["kz"], extra["proj_bias"], linear_out, seq, heads,
+            *_heads_first_strides(q), *_heads_first_strides(linear_out),
+            BLOCK_M=_LINEAR_OUT_ROWS, HEAD_DIM=dim, num_warps=4,
+        )
     n_sel = kept_blocks(topk, n_kblocks)
     dense = n_sel == n_kblocks
     if dense:
         # a stride-0 view: the dense kernels walk the blocks in order and never read it
         lut = torch.arange(n_kblocks, device=device).expand(bh, n_qblocks, n_kblocks)
     else:
-        score = torch.bmm(q_pool, k_pool.transpose(1, 2))  # [B·H, Mq, Nk]
-        lut = score.topk(n_sel, dim=-1, sorted=False).indices
+        lut = _block_topk(q_pool, k_pool, n_sel)
     return _Prepared(lut, n_sel, dense, k_mean, **extra)
 
 
@@ -702,23 +1014,25 @@ def _sagesla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk:
                      block_k: int, proj_l: torch.nn.Linear | None, fp8_pv: bool) -> torch.Tensor:
     batch, seq, heads, dim = q.shape
     linear = proj_l is not None
-    prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=fp8_pv,
-                        linear=linear)
-    extra = prepared.extra
     out = _empty((batch, seq, heads, dim), q.dtype, q.device)
-    if linear:
-        # (φ(K)ᵀV)·Wᵀ per (b, h), [B·H, D, D]; it grows with L, so it goes to fp16 divided by its absmax
-        kv_proj = torch.matmul(extra["kv"], proj_l.weight.detach().float().t())
-        kv_proj_scale = kv_proj.abs().amax(dim=(1, 2)).clamp_min(1e-30)  # [B·H]
-        kv_proj = (kv_proj / kv_proj_scale[:, None, None]).to(torch.float16)
-        proj_bias = proj_l.bias.detach().float().contiguous()
-    else:
-        kv_proj = kv_proj_scale = proj_bias = None
+    if sagesla_cuda.usable(q, block_q=block_q, block_k=block_k, fp8_pv=fp8_pv):
+        # csrc/sagesla_attn.cu: V in the token order of its FP8 operand; it adds the attention to the linear
+        # branch the pre-pass wrote into out
+        prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=True,
+                            linear=linear, proj_l=proj_l, linear_out=out if linear else None, permute_v=True)
+        extra = prepared.extra
+        return sagesla_cuda.sagesla_attention_cuda(
+            extra["q8"], extra["q_scale"], extra["k8"], extra["k_scale"], extra["v8t"], extra["v_scale"],
+            prepared.lut, block_q=block_q, n_sel=prepared.n_sel, dense=prepared.dense, out=out, add_out=linear)
+    prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=fp8_pv,
+                        linear=linear, proj_l=proj_l)
+    extra = prepared.extra
     n_qblocks = triton.cdiv(seq, block_q)
     padded_keys = triton.cdiv(seq, block_k) * block_k
     _sagesla_fwd_kernel[(n_qblocks, batch * heads)](
         extra["q8"], extra["q_scale"], extra["k8"], extra["k_scale"], extra["v8t"] if fp8_pv else v,
-        extra.get("v_scale"), prepared.lut, q, kv_proj, kv_proj_scale, extra.get("kz"), proj_bias, out,
+        extra.get("v_scale"), prepared.lut, q, extra.get("kv_proj"), extra.get("kv_proj_scale"), extra.get("kz"),
+        extra.get("proj_bias"), out,
         seq, heads, padded_keys, prepared.n_sel,
         *_heads_first_strides(v), *_heads_first_strides(q), *_heads_first_strides(out),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, KV_BYTES=2 if fp8_pv else 3,
@@ -826,7 +1140,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         raise ValueError(f"head dim {q.shape[-1]} is not one of {HEAD_DIMS}")
     if not 0.0 < topk <= 1.0:
         raise ValueError(f"topk {topk} is not in (0, 1]")
-    default_q, default_k = default_block_sizes(q.device)
+    default_q, default_k = default_block_sizes(q.device, backend)
     block_q, block_k = block_q or default_q, block_k or default_k
     for name, size in (("block_q", block_q), ("block_k", block_k)):
         if size < 16 or size & (size - 1):

@@ -22,7 +22,7 @@ RAGGED_B2 = (2, 4000, 4, 64)  # B > 1, D = 64, L a multiple of neither block
 @pytest.fixture(autouse=True)
 def _poison_kernel_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        fill = 127 if dtype == torch.int8 else float("nan")
+        fill = torch.iinfo(dtype).max if not dtype.is_floating_point else float("nan")
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(sla, "_empty", poisoned)
@@ -102,7 +102,7 @@ def test_sagesla_sparse_matches_reference(shape: tuple[int, ...], fp8_pv: bool) 
 def test_sla_forward_matches_reference(shape: tuple[int, ...]) -> None:
     q, k, v = _make_qkv(4, *shape)
     proj_l = _random_proj_l(4, shape[-1])
-    block_q, block_k = sla.default_block_sizes(q.device)
+    block_q, block_k = sla.default_block_sizes(q.device, "sla")
     out = attention(q, k, v, backend="sla", topk=0.1, proj_l=proj_l)
     ref = sla.sparse_linear_attention_reference(q, k, v, topk=0.1, block_q=block_q, block_k=block_k, proj_l=proj_l)
     assert _relative_l1(out, ref) <= 0.01, _relative_l1(out, ref)  # issue bar: bf16 operands, fp32 accumulation
@@ -113,7 +113,7 @@ def test_sla_backward_matches_reference_autograd(shape: tuple[int, ...]) -> None
     # the fp32 reference keeps B·H·L² scores for autograd, so the backward is checked below the full Wan size
     q, k, v = (t.requires_grad_() for t in _make_qkv(5, *shape))
     proj_l = _random_proj_l(5, shape[-1])
-    block_q, block_k = sla.default_block_sizes(q.device)
+    block_q, block_k = sla.default_block_sizes(q.device, "sla")
     grad_out = torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
     out = sla.sparse_linear_attention(q, k, v, topk=0.15, proj_l=proj_l, backend="sla")
     grads = torch.autograd.grad(out, (q, k, v), grad_out.bfloat16())

@@ -3,7 +3,7 @@
 Inputs are fp16: the Triton 3.9 interpreter multiplies bf16 tiles as their raw uint16 bits (`create_dot`), so
 bf16 is covered by tests/gpu. The interpreter's float→fp8 cast also rounds wrongly at power-of-two carries,
 so the CPU runs of "sagesla" use 16-bit P·V; its FP8 P·V is tested on the H100 (tests/gpu/test_sla_gpu.py).
-Every buffer the kernels fill is poisoned first (NaN, or 127 for int8) so an unwritten element shows.
+Every buffer the kernels fill is poisoned first (NaN, or the largest integer) so an unwritten element shows.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(autouse=True)
 def _poison_kernel_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        fill = 127 if dtype == torch.int8 else float("nan")
+        # NaN, or the largest integer (an unwritten LUT entry then indexes far out of range)
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(sla, "_empty", poisoned)
@@ -180,3 +181,85 @@ def test_sparse_linear_attention_rejects_bad_arguments(monkeypatch: pytest.Monke
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="CUDA"):
             sla.sparse_linear_attention(q, k, v, topk=0.5, backend="sla")
+
+
+def _permuted_v_columns(padded_keys: int) -> torch.Tensor:
+    """Column of each token in the permute_v layout: 32c + j -> 32c + κ(j), κ written out as specified."""
+    token = torch.arange(padded_keys)
+    j = token % 32
+    return token - j + ((j & 0b10001) | ((j & 0b00110) << 1) | ((j & 0b01000) >> 2))
+
+
+# the Wan-like geometries plus block_k 16, where L_pad (208) is not a multiple of 32
+@pytest.mark.parametrize("seed,batch,seq,heads,dim,block_q,block_k", [*SHAPES, (4, 1, 200, 2, 64, 16, 16)])
+def test_prepare_permute_v_permutes_tokens_in_groups_of_32(seed: int, batch: int, seq: int, heads: int, dim: int,
+                                                           block_q: int, block_k: int) -> None:
+    q, k, v = _make_qkv(seed + 60, batch, seq, heads, dim)
+    args = {"topk": 0.3, "block_q": block_q, "block_k": block_k, "quantize": True, "fp8_pv": True, "linear": False}
+    # against the same kernel's unpermuted output, not a torch fp8 cast: the interpreter's cast drops carries
+    plain = sla._prepare(q, k, v, **args).extra["v8t"].view(torch.uint8)  # [B·H, D, L_pad]
+    permuted = sla._prepare(q, k, v, permute_v=True, **args).extra["v8t"].view(torch.uint8)
+    assert not torch.equal(permuted, plain)
+    assert torch.equal(permuted[..., _permuted_v_columns(plain.shape[-1]).to(plain.device)], plain)
+
+
+@pytest.mark.parametrize("seed,batch,seq,heads,dim,block_q,block_k", SHAPES)
+def test_prepare_linear_out_matches_linear_branch_reference(seed: int, batch: int, seq: int, heads: int, dim: int,
+                                                            block_q: int, block_k: int) -> None:
+    q, k, v = _make_qkv(seed + 70, batch, seq, heads, dim)
+    proj_l = _random_proj_l(seed, dim)
+    # a view into a taller NaN buffer: an unwritten row, or a write past L, shows
+    buffer = torch.full((batch, seq + 3, heads, dim), float("nan"), dtype=q.dtype, device=DEVICE)
+    linear_out = buffer[:, :seq]
+    sla._prepare(q, k, v, topk=0.3, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=False, linear=True,
+                 proj_l=proj_l, linear_out=linear_out)
+    assert not linear_out.isnan().any()
+    assert buffer[:, seq:].isnan().all()
+    ref = F.linear(sla.linear_branch_reference(q, k, v), proj_l.weight.float(), proj_l.bias.float())
+    # φ(q) and (φ(K)ᵀV)·Wᵀ enter the product in fp16, and the output is fp16: measured 2.1e-4 to 2.5e-4
+    assert _relative_l1(linear_out, ref) <= 1e-3
+
+    # it is what the sagesla epilogue adds: the outputs with and without proj_l differ by it up to their fp16
+    # roundings, half an ulp each (|out| < 4 here, ulp 2^-9; |linear_out| < 0.5, ulp 2^-12); measured 1.2e-3
+    common = {"topk": 0.3, "block_q": block_q, "block_k": block_k, "backend": "sagesla", "fp8_pv": False}
+    added = (sla.sparse_linear_attention(q, k, v, proj_l=proj_l, **common).float()
+             - sla.sparse_linear_attention(q, k, v, **common).float())
+    torch.testing.assert_close(added, linear_out.float(), atol=2**-9 + 2**-13, rtol=0)
+
+
+@pytest.mark.parametrize("n_kblocks,n_sel", [(7, 2), (16, 5), (37, 4), (300, 30)])
+def test_block_topk_selects_torch_topk_in_ascending_order(n_kblocks: int, n_sel: int) -> None:
+    gen = torch.Generator().manual_seed(n_kblocks)
+    q_pool = torch.randn(3, 21, 64, generator=gen).to(DEVICE)
+    k_pool = torch.randn(3, n_kblocks, 64, generator=gen).to(DEVICE)
+    lut = sla._block_topk(q_pool, k_pool, n_sel)
+    expected = torch.bmm(q_pool, k_pool.transpose(1, 2)).topk(n_sel, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(lut, expected)
+
+
+def test_block_topk_breaks_ties_by_lower_block_id() -> None:
+    gen = torch.Generator().manual_seed(80)
+    # every score 0: the first n_sel blocks
+    lut = sla._block_topk(torch.zeros(1, 4, 64, device=DEVICE), torch.randn(1, 10, 64, generator=gen).to(DEVICE), 3)
+    assert torch.equal(lut, torch.arange(3, device=DEVICE).expand(1, 4, 3))
+    # key blocks in equal pairs (2g, 2g + 1): keeping 3 takes the best pair and the lower block of the second best
+    q_pool = torch.randn(1, 5, 64, generator=gen).to(DEVICE)
+    k_groups = torch.randn(1, 6, 64, generator=gen).to(DEVICE)
+    lut = sla._block_topk(q_pool, k_groups.repeat_interleave(2, dim=1), 3)
+    best, second = (q_pool @ k_groups.transpose(1, 2)).topk(2, dim=-1).indices.unbind(-1)  # [1, 5] each
+    expected = torch.stack([2 * best, 2 * best + 1, 2 * second], dim=-1).sort(dim=-1).values
+    assert torch.equal(lut, expected)
+
+
+def test_prepare_rejects_inconsistent_options() -> None:
+    q, k, v = _make_qkv(81, 1, 64, 1, 64)
+    proj_l = _random_proj_l(8, 64)
+    args = {"topk": 0.5, "block_q": 32, "block_k": 32, "quantize": True}
+    with pytest.raises(ValueError, match="fp8_pv=True"):
+        sla._prepare(q, k, v, fp8_pv=False, linear=False, permute_v=True, **args)
+    with pytest.raises(ValueError, match="linear=True"):
+        sla._prepare(q, k, v, fp8_pv=False, linear=False, proj_l=proj_l, **args)
+    with pytest.raises(ValueError, match="needs proj_l"):
+        sla._prepare(q, k, v, fp8_pv=False, linear=True, linear_out=torch.empty_like(q), **args)
+    with pytest.raises(ValueError, match="linear_out must"):
+        sla._prepare(q, k, v, fp8_pv=False, linear=True, proj_l=proj_l, linear_out=q.float(), **args)
