@@ -39,7 +39,26 @@ COPY service/ service/
 RUN pip install . \
     && python -c "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())"
 
-# --- runtime: the venv, two small scripts, a non-root user ------------------------------------------------
+# --- kernels: the CUDA C++ kernels of csrc/ built ahead of time for sm_90a (H100) --------------------------
+# The engine builds them with nvcc on first use and keeps Triton as the fallback; the runtime image has no nvcc,
+# so they are built here into the cache directory the runtime points TDSERVE_KERNEL_CACHE at (file names carry the
+# hash of the sources, which the runtime reads from TDSERVE_CSRC to find them). nvcc's static cudart: the libraries
+# need only the driver. cuda-minimal-build is NVIDIA's nvcc + cudart/driver headers meta-package for this release;
+# nvcc compiles the host side with g++.
+FROM base AS kernels
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends cuda-minimal-build-13-0 g++ \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/tdserve
+COPY csrc/ csrc/
+COPY engine/__init__.py engine/__init__.py
+COPY engine/ops/__init__.py engine/ops/cuda_build.py engine/ops/
+ENV PATH=/usr/local/cuda/bin:$PATH \
+    TDSERVE_CSRC=/opt/tdserve/csrc
+RUN python3 -m engine.ops.cuda_build /opt/tdserve/kernels
+
+# --- runtime: the venv, two small scripts, the prebuilt kernels, a non-root user --------------------------
 FROM base AS runtime
 # /data/results and the GPU lock folder are created here, owned by the app user, so that the named volumes
 # mounted over them start with that ownership.
@@ -47,6 +66,8 @@ RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin tds
     && mkdir -p /data/results /checkpoints /run/tdserve/gpu-locks \
     && chown -R tdserve:tdserve /data /run/tdserve
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=kernels /opt/tdserve/csrc /opt/tdserve/csrc
+COPY --from=kernels /opt/tdserve/kernels /opt/tdserve/kernels
 COPY docker/entrypoint.py docker/healthcheck.py /opt/tdserve/
 # CUDA_DEVICE_ORDER: CUDA's device indices follow the PCI bus order that nvidia-smi shows, so the GPU index that
 # entrypoint.py logs for a worker is the one an operator sees in nvidia-smi.
@@ -55,7 +76,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     CUDA_DEVICE_ORDER=PCI_BUS_ID \
     TD_API_HOST=0.0.0.0 \
     TD_STORAGE_DIR=/data/results \
-    TD_CHECKPOINT_ROOT=/checkpoints
+    TD_CHECKPOINT_ROOT=/checkpoints \
+    TDSERVE_CSRC=/opt/tdserve/csrc \
+    TDSERVE_KERNEL_CACHE=/opt/tdserve/kernels
 # Numeric, so that runtimes checking runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 WORKDIR /home/tdserve

@@ -3,7 +3,9 @@
 No torch headers: `nvcc -gencode=arch=compute_90a,code=sm_90a -shared` builds a kernel in seconds, not the minutes
 of torch's extension loader. The library lands in `$TDSERVE_KERNEL_CACHE` (default ~/.cache/tdserve/kernels),
 named by the hash of its source, the shared headers (csrc/*.cuh) and the flags, so an edit rebuilds and a
-concurrent worker never loads a half-written file.
+concurrent worker never loads a half-written file. The sources are read from `$TDSERVE_CSRC` (default: csrc/ of
+this checkout): an installed package finds them there, and a cache built ahead of time (the container image runs
+`python -m engine.ops.cuda_build CACHE`) is used without nvcc.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(os.environ.get("TDSERVE_CSRC", Path(__file__).resolve().parents[2] / "csrc"))
 NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC"]
 
 
@@ -64,3 +67,15 @@ def load(source: Path) -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as error:
         log.warning("%s unavailable, using the Triton kernel: %s", source.name, error)
         return None
+
+
+def main() -> None:
+    """Build every csrc/*.cu into the cache directory given as the only argument (the image does this)."""
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m engine.ops.cuda_build CACHE_DIR")
+    for source in sorted(CSRC.glob("*.cu")):
+        print(build(source, Path(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()
