@@ -118,6 +118,18 @@ __device__ __forceinline__ void wgmma_m64n128k32_rs(float (&d)[64], const uint32
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
+// d (+)= a · bᵀ with A (f16) from registers in the m16n8k16 fragment layout per warp (a[0], a[1]: rows
+// 16w + lane/4 and + 8, k = 2·(lane % 4) + {0, 1}; a[2], a[3]: the same rows, k + 8) and B (f16) K-major in shared
+// memory.
+__device__ __forceinline__ void wgmma_m64n128k16_f16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                        int accumulate) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " HOPPER_D64_REGS
+               ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
+               : HOPPER_D64(HOPPER_RW_FLOAT, d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
 // ---- Host side ----------------------------------------------------------------------------------------------
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -138,19 +150,24 @@ inline EncodeTiled encode_tiled() {
   return fn;
 }
 
-// A row-major 8-bit [rows, cols] matrix (row stride `ld` bytes) as box_cols × box_rows boxes with 128-byte swizzle
-// (box_cols = 128: one swizzle row, the wgmma K-major layout).
-inline bool make_8bit_map(CUtensorMap* map, const void* ptr, long long rows, long long cols, long long ld,
-                          int box_cols, int box_rows) {
+// A row-major [rows, cols] matrix (row stride `ld` bytes) as box_cols × box_rows boxes with 128-byte swizzle
+// (box_cols · element size = 128 bytes: one swizzle row, the wgmma K-major layout).
+inline bool make_2d_map(CUtensorMap* map, CUtensorMapDataType type, const void* ptr, long long rows, long long cols,
+                        long long ld, int box_cols, int box_rows) {
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld)};  // bytes, for dimension 1
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t element_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box, element_strides,
+  return encode(map, type, 2, const_cast<void*>(ptr), dims, strides, box, element_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+inline bool make_8bit_map(CUtensorMap* map, const void* ptr, long long rows, long long cols, long long ld,
+                          int box_cols, int box_rows) {
+  return make_2d_map(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, ptr, rows, cols, ld, box_cols, box_rows);
 }
 
 }  // namespace hopper

@@ -5,7 +5,9 @@
 // INT8 per 128-key block, V in FP8 per channel, stored transposed [D, L_pad] with its tokens permuted inside every
 // 32 (see below), and the LUT of kept key blocks per query block (64 or 128 rows). Per kept block: S = Q·Kᵀ (int32, exact),
 // s = S·scale_q·scale_k in log2 units, base-2 online softmax with P shifted into [0, 448], then P·V from a fresh
-// fp32 accumulator added into the output (SageAttention2's two-level accumulation).
+// fp32 accumulator added into the output (SageAttention2's two-level accumulation). The linear branch,
+// proj_l(φ(Q)(φ(K)ᵀV)/(φ(Q)·Σφ(K) + eps)), is added in the epilogue from the raw q and the pre-pass's
+// (φ(K)ᵀV)·Wᵀ, one more wgmma per query block.
 //
 // Why CUDA: a plain Triton kernel ties cuDNN (docs/notes/attention.md) because each warpgroup waits for its
 // Q·Kᵀ, then runs the softmax while the tensor cores idle, then waits for its P·V. Here
@@ -40,6 +42,9 @@ constexpr int kConsumers = 2;         // warpgroups 1 and 2; warpgroup 0 holds t
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kTileBytes = kBlockK * kHeadDim;  // a K tile (int8) or a Vᵀ tile (e4m3)
 constexpr int kStageBytes = 2 * kTileBytes;
+constexpr int kLinearHalfBytes = kHeadDim * 64 * 2;  // 128 rows of 64 fp16 columns
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLinearEps = 1e-5f;  // sla.py LINEAR_EPS
 constexpr float kPShift = 8.807f;  // log2(448): the row maximum of P lands on e4m3's largest finite value
 constexpr float kMagic = 12582912.0f;  // 1.5·2^23; its bits plus an int32 |x| < 2^22 are the float magic + x
 constexpr int kMagicBits = 0x4B400000;
@@ -48,14 +53,16 @@ constexpr int kMagicBits = 0x4B400000;
 // has its own query block, LUT and K/Vᵀ stream (two pipes). Query blocks of 128 rows (kShared): both consumers
 // take 64 rows of one block and read one stream, half the L2 → shared-memory traffic per product — the
 // 64-row kernel streams about 6 TB/s from L2 on the H100 (docs/notes/attention.md), which is what bounds it.
-template <bool kShared>
+// kLinear: the linear branch in the epilogue, from (φ(K)ᵀV)·Wᵀ staged per work item (costs a ring stage).
+template <bool kShared, bool kLinear>
 struct Layout {
   static constexpr int kPipes = kShared ? 1 : kConsumers;
   static constexpr int kConsumersPerPipe = kConsumers / kPipes;
   static constexpr int kBlockQ = kRowsPerConsumer * kConsumersPerPipe;  // query rows per work item
-  static constexpr int kStages = kShared ? 6 : 3;
+  static constexpr int kStages = (kShared ? 6 : 3) - (kLinear ? 1 : 0);  // as many as fit in 227 KB
   static constexpr int kQBytes = kBlockQ * kHeadDim;  // int8
-  static constexpr int kPipeBytes = kQBytes + kStages * kStageBytes;
+  static constexpr int kLinearBytes = kLinear ? kHeadDim * kHeadDim * 2 : 0;  // fp16 ((φ(K)ᵀV)·Wᵀ)ᵀ
+  static constexpr int kPipeBytes = kQBytes + kStages * kStageBytes + kLinearBytes;
   static constexpr int kSmemBytes = kPipes * kPipeBytes + 1024 /* alignment */ + 512 /* barriers, stage info */;
 };
 
@@ -68,7 +75,13 @@ struct Params {
   const float* v_scale;   // [B·H, D]
   __nv_bfloat16* out;     // [B, L, H, D] with element strides below
   long long out_sb, out_sl, out_sh;
-  int add_out;            // 1: out holds the linear branch already; the attention output is added to it
+  // linear branch (kLinear): raw q [B, L, H, D] bf16 and strides, Σφ(K) [B·H, D], the absmax that divides the
+  // staged fp16 (φ(K)ᵀV)·Wᵀ [B·H], proj_l's bias [D]
+  const __nv_bfloat16* q;
+  long long q_sb, q_sl, q_sh;
+  const float* kz;
+  const float* kv_proj_scale;
+  const float* proj_bias;
 };
 
 // A Q tile, a K/Vᵀ ring and their barriers; the producer also passes each stage's block id and scale.
@@ -81,21 +94,28 @@ struct Pipe {
   uint64_t* kv_empty;  // [kStages]
   int* stage_block;    // [kStages]
   float* stage_scale;  // [kStages]
+  uint8_t* linear;     // kLinear: ((φ(K)ᵀV)·Wᵀ)ᵀ fp16 [D_out, D_in] as two 64-column halves, 128-byte swizzled
+  uint64_t* linear_full;
+  uint64_t* linear_empty;
 };
 
-template <bool kShared>
+template <bool kShared, bool kLinear>
 __device__ __forceinline__ Pipe pipe_of(uint8_t* smem, int index) {
-  using L = Layout<kShared>;
+  using L = Layout<kShared, kLinear>;
+  constexpr int kBarriers = 4 + 2 * L::kStages;
   Pipe p;
   p.q = smem + index * L::kPipeBytes;
   p.stages = p.q + L::kQBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kPipes * L::kPipeBytes) + index * (2 + 2 * L::kStages);
+  p.linear = p.stages + L::kStages * kStageBytes;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kPipes * L::kPipeBytes) + index * kBarriers;
   p.q_full = bars;
   p.q_empty = bars + 1;
-  p.kv_full = bars + 2;
-  p.kv_empty = bars + 2 + L::kStages;
+  p.linear_full = bars + 2;
+  p.linear_empty = bars + 3;
+  p.kv_full = bars + 4;
+  p.kv_empty = bars + 4 + L::kStages;
   int* info = reinterpret_cast<int*>(reinterpret_cast<uint64_t*>(smem + L::kPipes * L::kPipeBytes) +
-                                     L::kPipes * (2 + 2 * L::kStages));
+                                     L::kPipes * kBarriers);
   p.stage_block = info + index * 2 * L::kStages;
   p.stage_scale = reinterpret_cast<float*>(p.stage_block + L::kStages);
   return p;
@@ -193,12 +213,12 @@ __device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&pa)[16
 // waiting for this P·V, so the output update below overlaps it (two instances instead of a branch around the
 // issue: ptxas serializes wgmma issued on a path it cannot prove uniform, and a barrier wait between issue and
 // wait counts as one). Without kNext the block may be the ragged one, which the producer streams last.
-template <bool kShared, bool kNext>
+template <bool kShared, bool kLinear, bool kNext>
 __device__ __forceinline__ void block_step(const Params& p, const Pipe& pipe, int32_t (&s)[64], uint32_t (&pa)[16],
                                            float (&o)[64], float (&o_block)[64], float (&m)[2], float (&l)[2],
                                            float q_scale0, float q_scale1, int tail_keys, uint32_t q_addr, int it,
                                            int lane) {
-  constexpr int kStages = Layout<kShared>::kStages;
+  constexpr int kStages = Layout<kShared, kLinear>::kStages;
   const int stage = it % kStages;
   const float k_scale = pipe.stage_scale[stage];
   float alpha[2];
@@ -227,17 +247,79 @@ __device__ __forceinline__ void block_step(const Params& p, const Pipe& pipe, in
 // Work items of a pipe: t = first + k·stride (one pipe per CTA when shared, else one per consumer).
 template <bool kShared>
 __device__ __forceinline__ int first_item(int pipe) {
-  return Layout<kShared>::kPipes * blockIdx.x + pipe;
+  return (kShared ? 1 : kConsumers) * blockIdx.x + pipe;
 }
 
 template <bool kShared>
 __device__ __forceinline__ int item_stride() {
-  return Layout<kShared>::kPipes * gridDim.x;
+  return (kShared ? 1 : kConsumers) * gridDim.x;
 }
 
-template <bool kShared>
+// proj_l(o_l) for this thread's rows first_row + {0, 8} and columns 8c + 2·(lane % 4) + {0, 1}, as the Triton
+// kernel's `if LINEAR:` epilogue: φ(q)·(φ(K)ᵀV)·Wᵀ / (φ(q)·Σφ(K) + eps) + b, φ = softmax over the head dim. The
+// product runs on wgmma with A = exp(q - max) in fp16 straight from registers (the m16n8k16 A layout is the
+// accumulator layout) and the staged ((φ(K)ᵀV)·Wᵀ)ᵀ as B; the softmax denominator Σexp folds into the final scale:
+// φ·X / (φ·z + eps) = e·X / (e·z + eps·Σe).
+template <bool kShared, bool kLinear>
+__device__ __forceinline__ void linear_branch(const Params& p, const Pipe& pipe, float (&acc)[64],
+                                              float (&linear)[2][32], int b, int h, int bh, int first_row, int round,
+                                              int lane) {
+  const int col0 = 2 * (lane % 4);
+  uint32_t a[8][4];  // fp16 pairs of exp(q - max): k16 slab j holds columns 16j .. 16j + 15
+  float row_sum[2], row_dot[2];
+  const float* kz = p.kz + static_cast<long long>(bh) * kHeadDim;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = min(first_row + 8 * r, p.seq - 1);  // padded rows compute a copy, never stored
+    const __nv_bfloat162* src =
+        reinterpret_cast<const __nv_bfloat162*>(p.q + b * p.q_sb + row * p.q_sl + h * p.q_sh + col0);
+    float2 x[16];
+#pragma unroll
+    for (int c = 0; c < 16; ++c) x[c] = __bfloat1622float2(src[4 * c]);
+    float mx = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < 16; ++c) mx = fmaxf(mx, fmaxf(x[c].x, x[c].y));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    float sum = 0.0f, dot = 0.0f;
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float e0 = exp2_approx((x[c].x - mx) * kLog2e), e1 = exp2_approx((x[c].y - mx) * kLog2e);
+      const float2 z = *reinterpret_cast<const float2*>(kz + 8 * c + col0);
+      sum += e0 + e1;
+      dot = fmaf(e0, z.x, fmaf(e1, z.y, dot));
+      const __half2 pair = __floats2half2_rn(e0, e1);
+      a[c / 2][2 * (c % 2) + r] = *reinterpret_cast<const uint32_t*>(&pair);
+    }
+    row_sum[r] = quad_sum(sum);
+    row_dot[r] = quad_sum(dot);
+  }
+  mbar_wait(pipe.linear_full, round & 1);
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t base = smem_addr(pipe.linear + (j / 4) * kLinearHalfBytes);
+    wgmma_m64n128k16_f16_rs(acc, a[j], smem_desc(base) + 2 * (j % 4), j > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  if (lane == 0) mbar_arrive(pipe.linear_empty);
+  const float scale = p.kv_proj_scale[bh];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float row_scale = scale / (row_dot[r] + kLinearEps * row_sum[r]);
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float2 bias = *reinterpret_cast<const float2*>(p.proj_bias + 8 * c + col0);
+      linear[r][2 * c] = fmaf(acc[4 * c + 2 * r], row_scale, bias.x);
+      linear[r][2 * c + 1] = fmaf(acc[4 * c + 2 * r + 1], row_scale, bias.y);
+    }
+  }
+}
+
+template <bool kShared, bool kLinear>
 __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
-  using L = Layout<kShared>;
+  using L = Layout<kShared, kLinear>;
   const int pipe_index = kShared ? 0 : consumer;
   const int row_offset = kShared ? consumer * kRowsPerConsumer : 0;  // this consumer's rows in the query block
   const int warp = (threadIdx.x / 32) % 4;
@@ -266,35 +348,39 @@ __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
     wgmma_wait<0>();
     if (p.n_sel == 1 && lane == 0) mbar_arrive(pipe.q_empty);
     for (int i = 0; i + 1 < p.n_sel; ++i, ++it) {
-      block_step<kShared, true>(p, pipe, s, pa, o, o_block, m, l, q_scale0, q_scale1, tail_keys, q_addr, it, lane);
+      block_step<kShared, kLinear, true>(p, pipe, s, pa, o, o_block, m, l, q_scale0, q_scale1, tail_keys, q_addr, it,
+                                         lane);
       if (i + 2 == p.n_sel && lane == 0) mbar_arrive(pipe.q_empty);  // the last Q·Kᵀ is done with Q
     }
-    block_step<kShared, false>(p, pipe, s, pa, o, o_block, m, l, q_scale0, q_scale1, tail_keys, q_addr, it, lane);
+    block_step<kShared, kLinear, false>(p, pipe, s, pa, o, o_block, m, l, q_scale0, q_scale1, tail_keys, q_addr, it,
+                                        lane);
     ++it;
 
-    // Epilogue: o / l · v_scale (+ the linear branch already in out), bf16. Every load is issued before the
-    // first store: the compiler cannot prove out and v_scale apart, and interleaved they serialize into one
-    // memory round trip per store (3.3 instead of 0.8 ms at Wan 1.3B).
+    // Epilogue: o / l · v_scale (+ the linear branch), bf16.
     const int b = bh / p.heads, h = bh - b * p.heads;
+    const int col0 = 2 * (lane % 4);  // this thread's columns: 8c + col0 + {0, 1}, c = 0..15
+    float linear[2][32];  // the linear branch at this thread's outputs
+    if constexpr (kLinear) {
+      linear_branch<kShared, kLinear>(p, pipe, o_block, linear, b, h, bh, mq * L::kBlockQ + row0, round, lane);
+    }
+    // Every load before the first store: the compiler cannot prove out apart from the inputs, and a load behind
+    // a store waits for it (interleaved reads of out once cost 3.3 instead of 0.8 ms at Wan 1.3B).
     const float* v_scale = p.v_scale + static_cast<long long>(bh) * kHeadDim;
-    __nv_bfloat16* out = p.out + b * p.out_sb + h * p.out_sh;
-    const int col0 = 2 * (lane % 4);
     float2 channel_scale[16];
 #pragma unroll
     for (int c = 0; c < 16; ++c) channel_scale[c] = *reinterpret_cast<const float2*>(v_scale + 8 * c + col0);
+    __nv_bfloat16* out = p.out + b * p.out_sb + h * p.out_sh;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = mq * L::kBlockQ + row0 + 8 * r;
       const float inv_l = 1.0f / quad_sum(l[r]);
       if (row >= p.seq) continue;
       __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + row * p.out_sl + col0);  // + 4c: column 8c
-      float2 linear[16];
-#pragma unroll
-      for (int c = 0; c < 16; ++c) linear[c] = p.add_out ? __bfloat1622float2(dst[4 * c]) : make_float2(0.0f, 0.0f);
 #pragma unroll
       for (int c = 0; c < 16; ++c) {
-        dst[4 * c] = __floats2bfloat162_rn(fmaf(o[4 * c + 2 * r] * inv_l, channel_scale[c].x, linear[c].x),
-                                           fmaf(o[4 * c + 2 * r + 1] * inv_l, channel_scale[c].y, linear[c].y));
+        const float y0 = o[4 * c + 2 * r] * inv_l * channel_scale[c].x + (kLinear ? linear[r][2 * c] : 0.0f);
+        const float y1 = o[4 * c + 2 * r + 1] * inv_l * channel_scale[c].y + (kLinear ? linear[r][2 * c + 1] : 0.0f);
+        dst[4 * c] = __floats2bfloat162_rn(y0, y1);
       }
     }
   }
@@ -302,10 +388,10 @@ __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
 
 // Streams Q and the kept K/Vᵀ tiles of a pipe's query blocks. The ragged last key block, when kept, always goes
 // last, so the consumers mask only their final step.
-template <bool kShared>
+template <bool kShared, bool kLinear>
 __device__ void produce(const Params& p, const Pipe& pipe, int pipe_index, const CUtensorMap* map_q,
-                        const CUtensorMap* map_k, const CUtensorMap* map_v) {
-  using L = Layout<kShared>;
+                        const CUtensorMap* map_k, const CUtensorMap* map_v, const CUtensorMap* map_linear) {
+  using L = Layout<kShared, kLinear>;
   const int padded_keys = p.n_kblocks * kBlockK;
   const int ragged = p.seq % kBlockK != 0 ? p.n_kblocks - 1 : -1;
   int it = 0;
@@ -342,23 +428,34 @@ __device__ void produce(const Params& p, const Pipe& pipe, int pipe_index, const
       }
     }
     if (ragged_kept) load(ragged);
+    if constexpr (kLinear) {
+      // after this item's K/Vᵀ: the buffer is free once the previous item's epilogue is done with it
+      mbar_wait(pipe.linear_empty, (round & 1) ^ 1);
+      mbar_expect_tx(pipe.linear_full, L::kLinearBytes);
+      for (int half = 0; half < 2; ++half) {  // 64 columns (128 bytes) per box: one swizzle row
+        tma_load_2d(pipe.linear + half * kLinearHalfBytes, map_linear, half * 64, bh * kHeadDim, pipe.linear_full);
+      }
+    }
   }
 }
 
-template <bool kShared>
+template <bool kShared, bool kLinear>
 __global__ void __launch_bounds__(kThreads, 1)
     sagesla_attention_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                             const __grid_constant__ CUtensorMap map_v, const Params p) {
-  using L = Layout<kShared>;
+                             const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_linear,
+                             const Params p) {
+  using L = Layout<kShared, kLinear>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     for (int index = 0; index < L::kPipes; ++index) {
-      const Pipe pipe = pipe_of<kShared>(smem, index);
+      const Pipe pipe = pipe_of<kShared, kLinear>(smem, index);
       const int readers = 4 * L::kConsumersPerPipe;  // one arrive per consumer warp
       mbar_init(pipe.q_full, 1);
       mbar_init(pipe.q_empty, readers);
+      mbar_init(pipe.linear_full, 1);
+      mbar_init(pipe.linear_empty, readers);
       for (int s = 0; s < L::kStages; ++s) {
         mbar_init(&pipe.kv_full[s], 1);
         mbar_init(&pipe.kv_empty[s], readers);
@@ -376,21 +473,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         prefetch_tensormap(&map_q);
         prefetch_tensormap(&map_k);
         prefetch_tensormap(&map_v);
+        if (kLinear) prefetch_tensormap(&map_linear);
       }
-      produce<kShared>(p, pipe_of<kShared>(smem, warp), warp, &map_q, &map_k, &map_v);
+      produce<kShared, kLinear>(p, pipe_of<kShared, kLinear>(smem, warp), warp, &map_q, &map_k, &map_v, &map_linear);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
     const int consumer = warpgroup - 1;
-    consume<kShared>(p, pipe_of<kShared>(smem, kShared ? 0 : consumer), consumer);
+    consume<kShared, kLinear>(p, pipe_of<kShared, kLinear>(smem, kShared ? 0 : consumer), consumer);
   }
 }
 
-template <bool kShared>
-cudaError_t launch(const CUtensorMap& map_q, const CUtensorMap& map_k, const CUtensorMap& map_v, const Params& p,
-                   int num_sms, cudaStream_t stream) {
-  using L = Layout<kShared>;
-  const auto kernel = sagesla_attention_kernel<kShared>;
+template <bool kShared, bool kLinear>
+cudaError_t launch(const CUtensorMap& map_q, const CUtensorMap& map_k, const CUtensorMap& map_v,
+                   const CUtensorMap& map_linear, const Params& p, int num_sms, cudaStream_t stream) {
+  using L = Layout<kShared, kLinear>;
+  const auto kernel = sagesla_attention_kernel<kShared, kLinear>;
   static bool configured = false;
   if (!configured) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
@@ -398,33 +496,47 @@ cudaError_t launch(const CUtensorMap& map_q, const CUtensorMap& map_k, const CUt
     configured = true;
   }
   const int ctas = (p.total + L::kPipes - 1) / L::kPipes;
-  kernel<<<ctas < num_sms ? ctas : num_sms, kThreads, L::kSmemBytes, stream>>>(map_q, map_k, map_v, p);
+  kernel<<<ctas < num_sms ? ctas : num_sms, kThreads, L::kSmemBytes, stream>>>(map_q, map_k, map_v, map_linear, p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-// block_q: 64 (two pipes) or 128 (one shared pipe). Returns a cudaError_t code.
+// block_q: 64 (two pipes) or 128 (one shared pipe). kv_proj_t (fp16 [B·H, D, D], ((φ(K)ᵀV)·Wᵀ)ᵀ over its
+// absmax) non-null: the linear branch is added in the epilogue, with q, kz, kv_proj_scale and proj_bias as in
+// Params. Returns a cudaError_t code.
 extern "C" int sagesla_attention(const void* q8, const float* q_scale, const void* k8, const float* k_scale,
                                  const void* v8t, const float* v_scale, const long long* lut, int batch_heads,
                                  int heads, int seq, int block_q, int n_sel, int dense, void* out, long long out_sb,
-                                 long long out_sl, long long out_sh, int add_out, int num_sms, void* stream) {
+                                 long long out_sl, long long out_sh, const void* kv_proj_t, const void* q,
+                                 long long q_sb, long long q_sl, long long q_sh, const float* kz,
+                                 const float* kv_proj_scale, const float* proj_bias, int num_sms, void* stream) {
   if (block_q != 64 && block_q != 128) return static_cast<int>(cudaErrorInvalidValue);
   const int n_qblocks = (seq + block_q - 1) / block_q;
   const int n_kblocks = (seq + kBlockK - 1) / kBlockK;
   const long long padded_keys = static_cast<long long>(n_kblocks) * kBlockK;
-  CUtensorMap map_q, map_k, map_v;
+  const bool linear = kv_proj_t != nullptr;
+  CUtensorMap map_q, map_k, map_v, map_linear{};
   if (!make_8bit_map(&map_q, q8, static_cast<long long>(batch_heads) * n_qblocks * block_q, kHeadDim, kHeadDim,
                      kHeadDim, kRowsPerConsumer) ||
       !make_8bit_map(&map_k, k8, batch_heads * padded_keys, kHeadDim, kHeadDim, kHeadDim, kBlockK) ||
       !make_8bit_map(&map_v, v8t, static_cast<long long>(batch_heads) * kHeadDim, padded_keys, padded_keys,
-                     kBlockK, kHeadDim)) {
+                     kBlockK, kHeadDim) ||
+      (linear && !make_2d_map(&map_linear, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, kv_proj_t,
+                              static_cast<long long>(batch_heads) * kHeadDim, kHeadDim, kHeadDim * 2, 64, kHeadDim))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const Params p{batch_heads * n_qblocks, heads, seq, n_qblocks, n_kblocks, n_sel, dense,
                  lut, q_scale, k_scale, v_scale, static_cast<__nv_bfloat16*>(out), out_sb, out_sl, out_sh,
-                 add_out};
+                 static_cast<const __nv_bfloat16*>(q), q_sb, q_sl, q_sh, kz, kv_proj_scale, proj_bias};
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return static_cast<int>(block_q == 128 ? launch<true>(map_q, map_k, map_v, p, num_sms, s)
-                                         : launch<false>(map_q, map_k, map_v, p, num_sms, s));
+  cudaError_t status;
+  if (block_q == 128) {
+    status = linear ? launch<true, true>(map_q, map_k, map_v, map_linear, p, num_sms, s)
+                    : launch<true, false>(map_q, map_k, map_v, map_linear, p, num_sms, s);
+  } else {
+    status = linear ? launch<false, true>(map_q, map_k, map_v, map_linear, p, num_sms, s)
+                    : launch<false, false>(map_q, map_k, map_v, map_linear, p, num_sms, s);
+  }
+  return static_cast<int>(status);
 }

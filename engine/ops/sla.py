@@ -33,12 +33,11 @@ Pipeline of the Triton backends (tensor layouts):
   _prepare_kernel          one launch, one program per query block and per key block:
                            q -> pooled q [B·H, Mq, D] fp32 (+ int8 q [B·H, Mq·block_q, D], scale [B·H, Mq·block_q])
                            k, v -> pooled smoothed k [B·H, Nk, D] (+ int8 k, scale [B·H, Nk], fp8 vᵀ [B·H, D, L_pad])
-  _linear_out_kernel       (CUDA path, with proj_l) the linear branch into the output buffer
   _block_topk_kernel       pooled q · pooled kᵀ and the exact top-k -> LUT [B·H, Mq, n_sel], ascending key-block ids
   _sagesla_fwd_kernel / _sla_fwd_kernel   one program per (query block, b·h), loops over its LUT entries
 On an sm90 GPU (head dim 128, FP8 P·V, key blocks of 128) sagesla's attention runs in the CUDA kernel
 csrc/sagesla_attn.cu instead (engine/ops/sagesla_cuda.py; `TDSERVE_CUDA_ATTENTION=0` keeps Triton): the pre-pass
-then stores Vᵀ in that kernel's token order and writes the linear branch into the output, which the kernel adds to.
+then stores Vᵀ in that kernel's token order, and the kernel computes the linear branch in its epilogue.
 """
 
 from __future__ import annotations
@@ -362,44 +361,6 @@ def _prepare_q_block(
         padded_rows = N_QBLOCKS * BLOCK_M
         tl.store(Q8 + (pid_bh * padded_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :], q8)
         tl.store(QScale + pid_bh * padded_rows + rows, scale)
-
-
-@triton.jit
-def _linear_out_kernel(
-    # pointers: q [B, L, H, D]; (φ(K)ᵀV)·Wᵀ [B·H, D, D] fp16 over its absmax [B·H], Σφ(K) [B·H, D], proj_l bias
-    # [D]; output [B, L, H, D]
-    Q, KVProj, KVProjScale, KZ, ProjBias, Out,
-    # sizes
-    L, H,
-    # strides in elements (batch, token, head) of q and the output
-    stride_qb, stride_ql, stride_qh, stride_ob, stride_ol, stride_oh,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    """The linear branch of BLOCK_M tokens into the output, for the CUDA kernel to add the attention to.
-
-    Op for op the `if LINEAR:` epilogue of _sagesla_fwd_kernel: proj_l(o_l) = (φ(Q)·(φ(K)ᵀV)·Wᵀ) / (φ(Q)·Σφ(K)
-    + eps) + b. Its own launch with small tiles: fused into the pooling pass at 128-token blocks it spilled and
-    cost 0.37 ms at Wan 1.3B on the H100.
-    """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch, head = pid_bh // H, pid_bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    valid = rows < L
-    rows64 = rows.to(tl.int64)
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + rows64[:, None] * stride_ql + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-    q_exp = tl.exp(q - tl.max(q, axis=1)[:, None])
-    phi_q = q_exp / tl.sum(q_exp, axis=1)[:, None]
-    kv_proj = tl.load(KVProj + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
-    k_feature_sum = tl.load(KZ + pid_bh * HEAD_DIM + offs_d)
-    denominator = tl.sum(phi_q * k_feature_sum[None, :], axis=1) + _LINEAR_EPS
-    linear_scale = tl.load(KVProjScale + pid_bh) / denominator
-    linear = tl.dot(phi_q.to(kv_proj.dtype), kv_proj) * linear_scale[:, None] + tl.load(ProjBias + offs_d)[None, :]
-    out_ptrs = Out + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ol + offs_d[None, :]
-    tl.store(out_ptrs, linear.to(Out.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -807,14 +768,10 @@ def _heads_first_strides(x: torch.Tensor) -> tuple[int, int, int]:
 # load over ROWS = 16 head-dim channels (tl.dot's smallest M); the pooling pass runs 8 warps.
 _STATS_PROGRAMS_PER_SM = 2
 _STATS_WARPS = 8
-_STATS_TILE = 128  # tokens per step of the statistics pass
+_STATS_TILE = 128  # tokens per step of the statistics pass (64 measured 7 % slower in the whole call)
 _FINISH_ROWS = 16
 _FINISH_CHUNK_STEP = 8
 _PREPARE_WARPS = 8
-# linear-branch pass: 64 tokens and 4 warps per program (128 and 8 measured 2 % slower; a 64-token statistics
-# tile 7 %)
-_LINEAR_OUT_ROWS = 64
-_LINEAR_OUT_WARPS = 4
 # block top-k: fp32 scores held per program, and per warp (32 a thread); the pooled-k chunk of a pipeline
 # stage holds as many (32 KB, at least 16 channels): not measured
 _TOPK_SCORES_PER_PROGRAM = 8192
@@ -917,7 +874,7 @@ def _block_topk(q_pool: torch.Tensor, k_pool: torch.Tensor, n_sel: int) -> torch
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, block_q: int, block_k: int,
              quantize: bool, fp8_pv: bool, linear: bool, proj_l: torch.nn.Linear | None = None,
-             linear_out: torch.Tensor | None = None, permute_v: bool = False) -> _Prepared:
+             permute_v: bool = False) -> _Prepared:
     """Statistics, pooling (+ INT8/FP8 quantization) and the top-k block selection, for both Triton backends.
 
     Four launches (five with proj_l), no host sync. `extra` holds, all [B·H, ...]: with quantize "q8"
@@ -927,27 +884,16 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
     Args:
         linear: compute the linear branch's key-side sums (Σφ(K), φ(K)ᵀV).
         proj_l: fold this Linear(D, D) into φ(K)ᵀV ("kv_proj", "kv_proj_scale", "proj_bias"); needs linear.
-        linear_out: a [B, L, H, D] bf16/fp16 buffer (head dim contiguous) that receives, for every token,
-            proj_l(o_l) = φ(q)·kv_proj·kv_proj_scale / (φ(q)·Σφ(K) + 1e-5) + b, which is what the sagesla
-            epilogue adds to the attention output; needs proj_l.
         permute_v: store "v8t" with the tokens of each aligned group of 32 permuted: token 32c + j goes to column
             32c + κ(j), κ(j) = (j & 0b10001) | ((j & 0b00110) << 1) | ((j & 0b01000) >> 2). This is the k order of
             an FP8 wgmma A operand taken from accumulator registers (the CUDA kernel's P), so P·V stays exact.
             The Triton sagesla kernel reads the unpermuted layout. Needs fp8_pv.
 
     Raises:
-        ValueError: for an option without the one it needs, or a linear_out of the wrong shape, dtype or layout.
+        ValueError: for an option without the one it needs.
     """
     if proj_l is not None and not linear:
         raise ValueError("proj_l is folded into the linear branch's sums: it needs linear=True")
-    if linear_out is not None:
-        if proj_l is None:
-            raise ValueError("linear_out holds proj_l(linear branch): it needs proj_l")
-        if (linear_out.shape != q.shape or linear_out.dtype not in (torch.bfloat16, torch.float16)
-                or linear_out.stride(-1) != 1 or linear_out.device != q.device):
-            raise ValueError(f"linear_out must be a bf16/fp16 {tuple(q.shape)} tensor on {q.device} with a "
-                             f"contiguous head dim; got {linear_out.dtype} {tuple(linear_out.shape)} with strides "
-                             f"{linear_out.stride()} on {linear_out.device}")
     if permute_v and not fp8_pv:
         raise ValueError("permute_v permutes the FP8 Vᵀ: it needs fp8_pv=True")
     batch, seq, heads, dim = q.shape
@@ -974,12 +920,6 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=dim, QUANT=quantize, V_FP8=fp8_pv, PERMUTE_V=permute_v,
         num_warps=_PREPARE_WARPS,
     )
-    if linear_out is not None:
-        _linear_out_kernel[(triton.cdiv(seq, _LINEAR_OUT_ROWS), bh)](
-            q, extra["kv_proj"], extra["kv_proj_scale"], extra["kz"], extra["proj_bias"], linear_out, seq, heads,
-            *_heads_first_strides(q), *_heads_first_strides(linear_out),
-            BLOCK_M=_LINEAR_OUT_ROWS, HEAD_DIM=dim, num_warps=_LINEAR_OUT_WARPS,
-        )
     n_sel = kept_blocks(topk, n_kblocks)
     dense = n_sel == n_kblocks
     if dense:
@@ -1020,14 +960,15 @@ def _sagesla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk:
     linear = proj_l is not None
     out = _empty((batch, seq, heads, dim), q.dtype, q.device)
     if sagesla_cuda.usable(q, block_q=block_q, block_k=block_k, fp8_pv=fp8_pv):
-        # csrc/sagesla_attn.cu: V in the token order of its FP8 operand; it adds the attention to the linear
-        # branch the pre-pass wrote into out
+        # csrc/sagesla_attn.cu: V in the token order of its FP8 operand; the linear branch in its epilogue
         prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=True,
-                            linear=linear, proj_l=proj_l, linear_out=out if linear else None, permute_v=True)
+                            linear=linear, proj_l=proj_l, permute_v=True)
         extra = prepared.extra
+        branch = sagesla_cuda.LinearBranch(q, extra["kv_proj"], extra["kv_proj_scale"], extra["kz"],
+                                           extra["proj_bias"]) if linear else None
         return sagesla_cuda.sagesla_attention_cuda(
             extra["q8"], extra["q_scale"], extra["k8"], extra["k_scale"], extra["v8t"], extra["v_scale"],
-            prepared.lut, block_q=block_q, n_sel=prepared.n_sel, dense=prepared.dense, out=out, add_out=linear)
+            prepared.lut, block_q=block_q, n_sel=prepared.n_sel, dense=prepared.dense, out=out, linear=branch)
     prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=fp8_pv,
                         linear=linear, proj_l=proj_l)
     extra = prepared.extra

@@ -87,10 +87,10 @@ def _reference(x: dict) -> torch.Tensor:
     return out.view(batch, heads, seq, dim).transpose(1, 2)
 
 
-def _run(x: dict, out: torch.Tensor, add_out: bool) -> torch.Tensor:
+def _run(x: dict, out: torch.Tensor) -> torch.Tensor:
     return sagesla_cuda.sagesla_attention_cuda(
         x["q8"], x["q_scale"], x["k8"], x["k_scale"], x["v8t"], x["v_scale"], x["lut"], block_q=x["bq"],
-        n_sel=x["n_sel"], dense=x["dense"], out=out, add_out=add_out)
+        n_sel=x["n_sel"], dense=x["dense"], out=out)
 
 
 def _cosine(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,7 +118,7 @@ def test_matches_fp32_reference_of_the_quantized_inputs(batch: int, seq: int, he
                                                         block_q: int) -> None:
     x = _inputs(seq + heads, batch, seq, heads, n_sel, block_q)
     out = torch.full((batch, seq, heads, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
-    got = _run(x, out, add_out=False).float()
+    got = _run(x, out).float()
     ref = _reference(x)
     assert torch.isfinite(got).all()
     cos, rel = _cosine(got, ref), _relative_l1(got, ref)
@@ -127,18 +127,33 @@ def test_matches_fp32_reference_of_the_quantized_inputs(batch: int, seq: int, he
 
 
 @pytest.mark.parametrize("block_q", [64, 128])
-def test_adds_to_the_linear_branch_in_out_and_respects_strides(block_q: int) -> None:
-    batch, seq, heads = 2, 1000, 2
+def test_linear_branch_in_the_epilogue_and_output_strides(block_q: int) -> None:
+    batch, seq, heads, dim = 2, 1000, 2, 128
     x = _inputs(7, batch, seq, heads, 3, block_q)
-    # out as a [B, L, H, D] view of a [B, L, 3·H, D] buffer (the model's fused qkv layout has such strides)
-    storage = (0.1 * torch.randn(batch, seq, 3 * heads, 128, device="cuda")).bfloat16()
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    # the linear branch's own raw q, k, v (the kernel takes them apart from the quantized inputs), as strided
+    # [B, L, H, D] views like the model's fused qkv layout
+    qkv = torch.randn(batch, seq, 3, heads, dim, generator=gen, device="cuda").bfloat16()
+    q, k, v = qkv.unbind(2)
+    weight = torch.randn(dim, dim, generator=gen, device="cuda") * 0.5 / math.sqrt(dim)
+    bias = torch.randn(dim, generator=gen, device="cuda") * 0.1
+    phi_q, phi_k = (torch.softmax(t.float(), dim=-1).transpose(1, 2).reshape(batch * heads, seq, dim) for t in (q, k))
+    kv = phi_k.transpose(1, 2) @ v.float().transpose(1, 2).reshape(batch * heads, seq, dim)  # [B·H, D, D]
+    kv_proj = kv @ weight.T
+    scale = kv_proj.abs().amax((1, 2))
+    kz = phi_k.sum(1)
+    branch = sagesla_cuda.LinearBranch(q, (kv_proj / scale[:, None, None]).half(), scale, kz, bias)
+    # out as a [B, L, H, D] view of a wider buffer; its neighbours must stay untouched
+    storage = torch.full((batch, seq, 3 * heads, dim), float("nan"), dtype=torch.bfloat16, device="cuda")
     out = storage[:, :, heads:2 * heads]
-    before = storage.clone()
-    got = _run(x, out, add_out=True).float() - before[:, :, heads:2 * heads].float()
-    attention_only = _reference(x)
-    assert _cosine(got, attention_only) >= 0.9995 and _relative_l1(got, attention_only) <= 0.03
-    assert torch.equal(storage[:, :, :heads], before[:, :, :heads])  # neighbours untouched
-    assert torch.equal(storage[:, :, 2 * heads:], before[:, :, 2 * heads:])
+    got = sagesla_cuda.sagesla_attention_cuda(
+        x["q8"], x["q_scale"], x["k8"], x["k_scale"], x["v8t"], x["v_scale"], x["lut"], block_q=block_q,
+        n_sel=x["n_sel"], dense=x["dense"], out=out, linear=branch).float()
+    linear = (phi_q @ kv_proj) / (phi_q @ kz[:, :, None] + 1e-5) + bias  # [B·H, L, D] fp32
+    ref = _reference(x) + linear.view(batch, heads, seq, dim).transpose(1, 2)
+    assert torch.isfinite(got).all()
+    assert _cosine(got, ref) >= 0.9995 and _relative_l1(got, ref) <= 0.03
+    assert storage[:, :, :heads].isnan().all() and storage[:, :, 2 * heads:].isnan().all()
 
 
 @pytest.mark.parametrize("block_q", [64, 128])
