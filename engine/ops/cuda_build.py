@@ -11,6 +11,7 @@ this checkout): an installed package finds them there, and a cache built ahead o
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -60,13 +61,33 @@ def build(source: Path, cache: Path | None = None) -> Path:
     return target
 
 
-def load(source: Path) -> ctypes.CDLL | None:
-    """The built library, or None (logged) where nvcc or the build fails: callers fall back to Triton."""
+def load(source: Path, entry: str, argtypes: list) -> ctypes.CDLL | None:
+    """The built library with its extern "C" `entry` (returning a cudaError_t code) typed, or None (logged) where
+    nvcc or the build fails: callers fall back to Triton."""
     try:
-        return ctypes.CDLL(str(build(source)))
+        library = ctypes.CDLL(str(build(source)))
     except (RuntimeError, OSError) as error:
         log.warning("%s unavailable, using the Triton kernel: %s", source.name, error)
         return None
+    function = getattr(library, entry)
+    function.restype = ctypes.c_int
+    function.argtypes = argtypes
+    return library
+
+
+@functools.cache
+def sm90(index: int) -> bool:
+    """Whether CUDA device `index` is compute capability 9.0, the only target the kernels are built for."""
+    import torch  # here, not at the top: the image's kernel stage runs this module without torch
+
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def main() -> None:

@@ -37,34 +37,19 @@ def fp8_operand_key_order() -> torch.Tensor:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = cuda_build.load(SOURCE)
-    if library is None:
-        return None
     i64, i32, ptr = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
-    library.sagesla_attention.restype = i32
-    library.sagesla_attention.argtypes = [
+    return cuda_build.load(SOURCE, "sagesla_attention", [
         ptr, ptr, ptr, ptr, ptr, ptr, ptr,  # q8, q_scale, k8, k_scale, v8t, v_scale, lut
         i32, i32, i32, i32, i32, i32,  # batch·heads, heads, seq, block_q, n_sel, dense
         ptr, i64, i64, i64,  # out + strides (batch, token, head)
         ptr, ptr, i64, i64, i64, ptr, ptr, ptr,  # linear branch: kv_proj_t, q + strides, kz, kv_proj_scale, bias
         i32, ptr,  # num_sms, stream
-    ]
-    return library
-
-
-@functools.cache
-def _device_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    ])
 
 
 def usable(q: torch.Tensor, *, block_q: int, block_k: int, fp8_pv: bool) -> bool:
     """True when the CUDA kernel can run this call (q [B, L, H, D] bf16); else the caller takes Triton."""
-    if not (ENABLED and q.is_cuda and fp8_pv and q.dtype == torch.bfloat16 and _device_ok(q.device.index or 0)):
+    if not (ENABLED and q.is_cuda and fp8_pv and q.dtype == torch.bfloat16 and cuda_build.sm90(q.device.index or 0)):
         return False
     if q.shape[-1] != HEAD_DIM or block_q not in BLOCK_QS or block_k != BLOCK_K:
         return False
@@ -122,7 +107,7 @@ def sagesla_attention_cuda(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
         q8.data_ptr(), q_scale.data_ptr(), k8.data_ptr(), k_scale.data_ptr(), v8t.data_ptr(), v_scale.data_ptr(),
         lut.data_ptr(), batch * heads, heads, seq, block_q, n_sel, int(dense),
         out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), *linear_args,
-        _sm_count(out.device.index or 0), torch.cuda.current_stream(out.device).cuda_stream,
+        cuda_build.sm_count(out.device.index or 0), torch.cuda.current_stream(out.device).cuda_stream,
     )
     if status != 0:
         raise RuntimeError(f"sagesla_attention failed: CUDA error {status}")

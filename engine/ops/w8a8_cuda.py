@@ -45,30 +45,15 @@ def build(cache_dir: Path | None = None) -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = cuda_build.load(SOURCE)
-    if library is None:
-        return None
     i64, i32, ptr = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
-    library.w8a8_gemm.restype = i32
-    library.w8a8_gemm.argtypes = [
+    return cuda_build.load(SOURCE, "w8a8_gemm", [
         ptr, i64, ptr, i64, i32, i32, i32,  # a, lda, b, ldb, M, N, K
         ptr, i64, i64, ptr, i64, i64,  # a_scale + strides, b_scale + strides
         ptr, i32, ptr, i64, i32,  # bias, bias kind, out, ld_out, epilogue
         ptr, i64, i32,  # gate, ld_gate, rows_per_gate
         ptr, i64, i64,  # q_scale + strides
         i32, i32, i32, ptr,  # num_sms, group_m, variant, stream
-    ]
-    return library
-
-
-@functools.cache
-def _device_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    ])
 
 
 def _row_major_aligned(t: torch.Tensor) -> bool:
@@ -77,7 +62,7 @@ def _row_major_aligned(t: torch.Tensor) -> bool:
 
 def usable(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> bool:
     """True when the CUDA kernel can run this GEMM (else the caller takes the Triton kernel)."""
-    if not (ENABLED and a.is_cuda and a.dtype in _OPERAND and b.dtype == a.dtype and _device_ok(a.device.index or 0)):
+    if not (ENABLED and a.is_cuda and a.dtype in _OPERAND and b.dtype == a.dtype and cuda_build.sm90(a.device.index or 0)):
         return False
     if not (_row_major_aligned(a) and _row_major_aligned(b) and a.shape[1] % 16 == 0):
         return False
@@ -124,7 +109,7 @@ def block_scaled_mm_cuda(
         out.data_ptr(), out.stride(0), _EPILOGUE[epilogue],
         gate.data_ptr() if gate is not None else None, gate.stride(0) if gate is not None else 0, rows_per_gate,
         scale_out.data_ptr(), scale_out.stride(0), scale_out.stride(1),
-        _sm_count(a.device.index or 0), GROUP_M, (variant & 1) | _OPERAND[a.dtype],
+        cuda_build.sm_count(a.device.index or 0), GROUP_M, (variant & 1) | _OPERAND[a.dtype],
         torch.cuda.current_stream(a.device).cuda_stream,
     )
     if status != 0:

@@ -18,7 +18,6 @@ from engine.ops import sagesla_cuda, sla
 pytestmark = pytest.mark.gpu
 
 LOG2E = 1.4426950408889634
-P_SHIFT = 8.807
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 import subprocess
@@ -47,3 +48,17 @@ def test_image_builds_the_kernels_where_the_runtime_looks_for_them() -> None:
     assert f"COPY --from=kernels {build.group(1)} {build.group(1)}" in runtime
     csrc = re.search(r"TDSERVE_CSRC=(\S+)", runtime).group(1)
     assert f"COPY --from=kernels {csrc} {csrc}" in runtime
+
+
+@needs_nvcc
+def test_load_types_the_entry_and_logs_a_failed_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TDSERVE_KERNEL_CACHE", str(tmp_path))
+    library = cuda_build.load(cuda_build.CSRC / "sagesla_attn.cu", "sagesla_attention", [ctypes.c_void_p])
+    assert library is not None
+    assert library.sagesla_attention.restype is ctypes.c_int
+    assert library.sagesla_attention.argtypes == [ctypes.c_void_p]
+    broken = tmp_path / "broken.cu"
+    broken.write_text("this is not CUDA\n")
+    assert cuda_build.load(broken, "entry", []) is None
+    assert "broken.cu unavailable" in caplog.text
