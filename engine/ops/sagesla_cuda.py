@@ -2,9 +2,9 @@
 
 It replaces only the attention kernel of the "sagesla" backend: the Triton pre-pass in sla.py still computes the
 statistics, the INT8 Q and K, the FP8 Vᵀ (with `permute_v`: the token order the kernel's FP8 A operand needs) and
-the block LUT; the kernel adds the linear branch in its epilogue. It runs for
-head dim 128 with 64×128 blocks and FP8 P·V on a compute-capability-9.0 GPU where nvcc could build it; every
-other case, and `TDSERVE_CUDA_ATTENTION=0`, takes the Triton kernel.
+the block LUT; the kernel adds the linear branch in its epilogue. It runs for head dim 128, query blocks of 64 or
+128, key blocks of 128 and FP8 P·V on a compute-capability-9.0 GPU where nvcc could build it (or a prebuilt cache
+holds it); every other case, and `TDSERVE_CUDA_ATTENTION=0`, takes the Triton kernel.
 """
 
 from __future__ import annotations

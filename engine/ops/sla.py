@@ -762,10 +762,11 @@ def _heads_first_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-# Launch constants of the pre-pass, from a sweep on the H100 (docs/notes/attention.md, session 4; about ±0.05 ms
-# of noise at Wan 1.3B): 8 warps for the statistics pass and 2 programs per SM (4 had been best while torch
-# reduced the partials; with the Triton finish kernel fewer partials pay); the finish kernel sums 8 partials per
-# load over ROWS = 16 head-dim channels (tl.dot's smallest M); the pooling pass runs 8 warps.
+# Launch constants of the pre-pass, from a sweep on the H100 (docs/results/attention-prepass-sweep-session4.json;
+# about ±0.05 ms of noise at Wan 1.3B): the pooling pass runs 8 warps (at 14B 4–10 % faster than 4; at 1.3B within
+# the noise); 2 and 4 statistics programs per SM and 4 or 8 partials per load in the finish kernel were within the
+# noise of each other (the 8 statistics warps are session 2's measurement); the finish kernel works on ROWS = 16
+# head-dim channels, tl.dot's smallest M.
 _STATS_PROGRAMS_PER_SM = 2
 _STATS_WARPS = 8
 _STATS_TILE = 128  # tokens per step of the statistics pass (64 measured 7 % slower in the whole call)

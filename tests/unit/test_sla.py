@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.ops import sla
+from engine.ops import sagesla_cuda, sla
 from engine.ops.attention import attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,11 +183,10 @@ def test_sparse_linear_attention_rejects_bad_arguments(monkeypatch: pytest.Monke
             sla.sparse_linear_attention(q, k, v, topk=0.5, backend="sla")
 
 
-def _permuted_v_columns(padded_keys: int) -> torch.Tensor:
-    """Column of each token in the permute_v layout: 32c + j -> 32c + κ(j), κ written out as specified."""
-    token = torch.arange(padded_keys)
-    j = token % 32
-    return token - j + ((j & 0b10001) | ((j & 0b00110) << 1) | ((j & 0b01000) >> 2))
+def _permuted_v_source_tokens(padded_keys: int) -> torch.Tensor:
+    """The token each column of the permute_v layout holds, in the order the CUDA kernel's FP8 operand reads."""
+    column = torch.arange(padded_keys)
+    return column - column % 32 + sagesla_cuda.fp8_operand_key_order()[column % 32]
 
 
 # the Wan-like geometries plus block_k 16, where L_pad (208) is not a multiple of 32
@@ -200,7 +199,7 @@ def test_prepare_permute_v_permutes_tokens_in_groups_of_32(seed: int, batch: int
     plain = sla._prepare(q, k, v, **args).extra["v8t"].view(torch.uint8)  # [B·H, D, L_pad]
     permuted = sla._prepare(q, k, v, permute_v=True, **args).extra["v8t"].view(torch.uint8)
     assert not torch.equal(permuted, plain)
-    assert torch.equal(permuted[..., _permuted_v_columns(plain.shape[-1]).to(plain.device)], plain)
+    assert torch.equal(permuted, plain[..., _permuted_v_source_tokens(plain.shape[-1]).to(plain.device)])
 
 
 @pytest.mark.parametrize("n_kblocks,n_sel", [(7, 2), (16, 5), (37, 4), (300, 30)])
