@@ -1,8 +1,9 @@
 """The CUDA C++ SageSLA attention kernel for Hopper (csrc/sagesla_attn.cu), built on demand, called through ctypes.
 
-It replaces only the attention kernel of the "sagesla" backend: the Triton pre-pass in sla.py still computes the
-statistics, the INT8 Q and K, the FP8 Vᵀ (with `permute_v`: the token order the kernel's FP8 A operand needs) and
-the block LUT; the kernel adds the linear branch in its epilogue. It runs for head dim 128, query blocks of 64 or
+It replaces the attention kernel of the "sagesla" backend and the key statistics of its pre-pass
+(csrc/sagesla_stats.cu: K mean, V scale, and the linear branch's Σφ(K) and ((φ(K)ᵀV)·Wᵀ)ᵀ in one launch); the
+Triton pre-pass in sla.py still computes the INT8 Q and K, the FP8 Vᵀ (with `permute_v`: the token order the
+kernel's FP8 A operand needs) and the block LUT; the kernel adds the linear branch in its epilogue. It runs for head dim 128, query blocks of 64 or
 128, key blocks of 128 and FP8 P·V on a compute-capability-9.0 GPU where nvcc could build it (or a prebuilt cache
 holds it); every other case, and `TDSERVE_CUDA_ATTENTION=0`, takes the Triton kernel.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -19,7 +21,10 @@ import torch
 from engine.ops import cuda_build
 
 SOURCE = cuda_build.CSRC / "sagesla_attn.cu"
+STATS_SOURCE = cuda_build.CSRC / "sagesla_stats.cu"
 HEAD_DIM, BLOCK_K = 128, 128
+STATS_TILE = 64  # tokens per ring stage of the statistics kernel
+STATS_CTAS_PER_SM = 2  # its launch bounds: 128 registers and 102 KB of shared memory per CTA
 BLOCK_QS = (64, 128)  # 64: one stream per consumer warpgroup; 128: both share one (half the L2 traffic)
 ENABLED = os.environ.get("TDSERVE_CUDA_ATTENTION", "1") == "1"
 
@@ -47,6 +52,18 @@ def _library() -> ctypes.CDLL | None:
     ])
 
 
+@functools.cache
+def _stats_library() -> ctypes.CDLL | None:
+    i64, i32, ptr = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
+    return cuda_build.load(STATS_SOURCE, "sagesla_key_statistics", [
+        ptr, ptr, i64, i64, i64, i64, i64, i64,  # k, v + strides (batch, token, head)
+        i32, i32, i32, i32, i32, i32,  # batch·heads, heads, seq, tiles per chunk, chunks, chunks per group
+        ptr, ptr, ptr,  # partials, tickets, proj_l weight
+        ptr, ptr, ptr, ptr, ptr,  # k_mean, v_scale, kz, kv_proj_t, kv_proj_scale
+        ptr,  # stream
+    ])
+
+
 def usable(q: torch.Tensor, *, block_q: int, block_k: int, fp8_pv: bool) -> bool:
     """True when the CUDA kernel can run this call (q [B, L, H, D] bf16); else the caller takes Triton."""
     if not (ENABLED and q.is_cuda and fp8_pv and q.dtype == torch.bfloat16 and cuda_build.sm90(q.device.index or 0)):
@@ -56,16 +73,70 @@ def usable(q: torch.Tensor, *, block_q: int, block_k: int, fp8_pv: bool) -> bool
     return _library() is not None
 
 
+def statistics_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when the CUDA statistics kernel can read k and v ([B, L, H, 128] bf16, 16-byte aligned rows)."""
+    for x in (k, v):
+        if not (ENABLED and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] == HEAD_DIM and x.stride(-1) == 1):
+            return False
+        if x.data_ptr() % 16 or any(stride % 8 for stride in x.stride()[:3]):
+            return False
+    return cuda_build.sm90(k.device.index or 0) and _stats_library() is not None
+
+
+def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
+    """What sla.py's `_key_statistics` computes for the CUDA route, in one launch; callers check `statistics_usable`.
+
+    Returns, all [B·H, ...] fp32 unless said otherwise: "k_mean" [D], "v_scale" = max|v| / 448 [D]; with proj_l also
+    "kz" = Σφ(K) [D], "kv_proj_t" = ((φ(K)ᵀV)·Wᵀ)ᵀ in fp16 over "kv_proj_scale" (its absmax, [B·H]) and
+    "proj_bias" [D]: what `LinearBranch` takes.
+    """
+    library = _stats_library()
+    if library is None:
+        raise RuntimeError("the CUDA SageSLA statistics kernel is not available")
+    batch, seq, heads, dim = k.shape
+    bh, device, f32 = batch * heads, k.device, torch.float32
+    n_tiles = -(-seq // STATS_TILE)
+    # at most one wave: a few CTAs of a second wave would double the time (Wan 14B: 280 CTAs for 264 slots)
+    chunks = max(1, min(n_tiles, STATS_CTAS_PER_SM * cuda_build.sm_count(device.index or 0) // bh))
+    tiles_per_chunk = -(-n_tiles // chunks)
+    chunks = -(-n_tiles // tiles_per_chunk)  # every chunk gets at least one tile
+    # the partials are summed in a two-level tree: about √chunks groups of about √chunks
+    group_size = math.isqrt(chunks - 1) + 1
+    groups = -(-chunks // group_size)
+    partials = torch.empty((bh, chunks + groups, dim * dim + 3 * dim), dtype=f32, device=device)
+    tickets = torch.zeros((bh, groups + 1), dtype=torch.int32, device=device)
+    stats = {"k_mean": torch.empty((bh, dim), dtype=f32, device=device),
+             "v_scale": torch.empty((bh, dim), dtype=f32, device=device)}
+    weight = None
+    if proj_l is not None:
+        weight = proj_l.weight.detach().float().contiguous()
+        stats["kz"] = torch.empty((bh, dim), dtype=f32, device=device)
+        stats["kv_proj_t"] = torch.empty((bh, dim, dim), dtype=torch.float16, device=device)
+        stats["kv_proj_scale"] = torch.empty(bh, dtype=f32, device=device)
+        stats["proj_bias"] = proj_l.bias.detach().float().contiguous()
+    status = library.sagesla_key_statistics(
+        k.data_ptr(), v.data_ptr(), *k.stride()[:3], *v.stride()[:3], bh, heads, seq, tiles_per_chunk, chunks, group_size,
+        partials.data_ptr(), tickets.data_ptr(), weight.data_ptr() if weight is not None else None,
+        *(stats[name].data_ptr() if name in stats else None
+          for name in ("k_mean", "v_scale", "kz", "kv_proj_t", "kv_proj_scale")),
+        torch.cuda.current_stream(device).cuda_stream,
+    )
+    if status != 0:
+        raise RuntimeError(f"sagesla_key_statistics failed: CUDA error {status}")
+    return stats
+
+
 class LinearBranch(NamedTuple):
     """What the kernel's epilogue needs for proj_l(linear attention), all on the GPU.
 
-    q: the raw queries [B, L, H, D] bf16 (head dim contiguous); kv_proj: (φ(K)ᵀV)·Wᵀ in fp16 over its absmax
-    [B·H, D, D] (sla.py's pre-pass "kv_proj"); kv_proj_scale: that absmax [B·H]; kz: Σφ(K) [B·H, D]; bias: proj_l's
+    q: the raw queries [B, L, H, D] bf16 (head dim contiguous); kv_proj_t: ((φ(K)ᵀV)·Wᵀ)ᵀ in fp16 over its absmax
+    [B·H, D_out, D_in], contiguous (the pre-pass's "kv_proj_t": output channels as rows, the K-major B operand of
+    the epilogue's product); kv_proj_scale: that absmax [B·H]; kz: Σφ(K) [B·H, D]; bias: proj_l's
     bias [D] fp32.
     """
 
     q: torch.Tensor
-    kv_proj: torch.Tensor
+    kv_proj_t: torch.Tensor
     kv_proj_scale: torch.Tensor
     kz: torch.Tensor
     bias: torch.Tensor
@@ -98,8 +169,9 @@ def sagesla_attention_cuda(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
     else:
         if linear.q.shape != out.shape or linear.q.dtype != torch.bfloat16 or linear.q.stride(-1) != 1:
             raise ValueError("linear.q must be bf16 [B, L, H, D] with a contiguous head dim")
-        # the kernel stages ((φ(K)ᵀV)·Wᵀ)ᵀ: output channels as rows, the K-major B operand of its product
-        kv_proj_t = linear.kv_proj.to(torch.float16).transpose(1, 2).contiguous()
+        kv_proj_t = linear.kv_proj_t
+        if kv_proj_t.dtype != torch.float16 or not kv_proj_t.is_contiguous():
+            raise ValueError("linear.kv_proj_t must be contiguous fp16 [B·H, D, D]")
         kz, scale, bias = (t.float().contiguous() for t in (linear.kz, linear.kv_proj_scale, linear.bias))
         linear_args = (kv_proj_t.data_ptr(), linear.q.data_ptr(), *linear.q.stride()[:3], kz.data_ptr(),
                        scale.data_ptr(), bias.data_ptr())

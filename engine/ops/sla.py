@@ -182,6 +182,7 @@ def _kv_stats_kernel(
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     # meta-parameters
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, V_ABSMAX: tl.constexpr, LINEAR: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """Partial Σk, max|v|, φ(K)ᵀV, Σφ(K) of one chunk of BLOCKS_PER_CHUNK key blocks, one (b, h).
 
@@ -200,26 +201,27 @@ def _kv_stats_kernel(
     kv = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
     k_feature_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     first_block = pid_chunk * BLOCKS_PER_CHUNK
-    for block in range(first_block, first_block + BLOCKS_PER_CHUNK):
+    for block in tl.range(first_block, first_block + BLOCKS_PER_CHUNK, num_stages=NUM_STAGES):
         rows = block * BLOCK_N + offs_n
         valid = rows < L
         rows64 = rows.to(tl.int64)
-        # kᵀ [D, BLOCK_N]: φ(K)ᵀ is then the left operand of φ(K)ᵀV with no transpose in registers
-        k_t = tl.load(k_base + rows64[None, :] * stride_kl + offs_d[:, None], mask=valid[None, :], other=0.0)
-        k_t = k_t.to(tl.float32)
-        k_sum += tl.sum(k_t, axis=1)
+        # tokens along rows, the head dim along lanes: loads are coalesced and the per-token softmax of φ reduces
+        # within a warp
+        k = tl.load(k_base + rows64[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = k.to(tl.float32)
+        k_sum += tl.sum(k, axis=0)
         if V_ABSMAX or LINEAR:
             v_raw = tl.load(v_base + rows64[:, None] * stride_vl + offs_d[None, :], mask=valid[:, None],
                             other=0.0)
             if V_ABSMAX:
                 v_max = tl.maximum(v_max, tl.max(tl.abs(v_raw.to(tl.float32)), axis=0))
             if LINEAR:
-                k_exp = tl.exp(k_t - tl.max(k_t, axis=0)[None, :])
+                k_exp = tl.exp(k - tl.max(k, axis=1)[:, None])
                 # one reciprocal per token instead of D divisions
-                phi_k_t = k_exp * (1.0 / tl.sum(k_exp, axis=0))[None, :]
-                phi_k_t = tl.where(valid[None, :], phi_k_t, 0.0)  # padded tokens are no keys
-                k_feature_sum += tl.sum(phi_k_t, axis=1)
-                kv = tl.dot(phi_k_t.to(v_raw.dtype), v_raw, kv)  # [D, D] += φ(K)ᵀ V
+                phi_k = k_exp * (1.0 / tl.sum(k_exp, axis=1))[:, None]
+                phi_k = tl.where(valid[:, None], phi_k, 0.0)  # padded tokens are no keys
+                k_feature_sum += tl.sum(phi_k, axis=0)
+                kv = tl.dot(tl.trans(phi_k.to(v_raw.dtype)), v_raw, kv)  # [D, D] += φ(K)ᵀ V
     part = pid_bh * n_chunks + pid_chunk
     tl.store(KSumPart + part * HEAD_DIM + offs_d, k_sum)
     if V_ABSMAX:
@@ -290,9 +292,12 @@ def _kv_proj_normalize_kernel(
     # divided by its absmax in fp16 [B·H, D, D], the absmax [B·H]
     KVProj, KVProjTileMax, KVProj16, KVProjScale,
     # meta-parameters
-    ROWS: tl.constexpr, N_TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr, N_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
-    """ROWS rows of (φ(K)ᵀV)·Wᵀ to fp16 over the per-(b, h) absmax: the product grows with L, fp16 would overflow."""
+    """ROWS rows of (φ(K)ᵀV)·Wᵀ to fp16 over the per-(b, h) absmax: the product grows with L, fp16 would overflow.
+
+    TRANSPOSED stores ((φ(K)ᵀV)·Wᵀ)ᵀ instead, the layout the CUDA kernel's epilogue stages.
+    """
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     tile_max = tl.load(KVProjTileMax + pid_bh * N_TILES + tl.arange(0, N_TILES))
@@ -300,7 +305,11 @@ def _kv_proj_normalize_kernel(
     rows = pid_tile * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     offs = (pid_bh * HEAD_DIM + rows)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(KVProj16 + offs, (tl.load(KVProj + offs) / scale).to(tl.float16))
+    if TRANSPOSED:
+        out_offs = (pid_bh * HEAD_DIM + offs_d)[None, :] * HEAD_DIM + rows[:, None]
+    else:
+        out_offs = offs
+    tl.store(KVProj16 + out_offs, (tl.load(KVProj + offs) / scale).to(tl.float16))
     if pid_tile == 0:
         tl.store(KVProjScale + pid_bh, scale)
 
@@ -770,6 +779,7 @@ def _heads_first_strides(x: torch.Tensor) -> tuple[int, int, int]:
 _STATS_PROGRAMS_PER_SM = 2
 _STATS_WARPS = 8
 _STATS_TILE = 128  # tokens per step of the statistics pass (64 measured 7 % slower in the whole call)
+_STATS_STAGES = 2
 _FINISH_ROWS = 16
 _FINISH_CHUNK_STEP = 8
 _PREPARE_WARPS = 8
@@ -799,12 +809,13 @@ class _Prepared:
 
 
 def _key_statistics(k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool, linear: bool,
-                    proj_l: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
+                    proj_l: torch.nn.Linear | None, transposed: bool = False) -> dict[str, torch.Tensor]:
     """The whole-sequence statistics of k and v, all [B·H, ...] fp32 unless said otherwise.
 
     Always "k_mean" [D]. fp8_pv: "v_scale" = max|v| / 448 [D]. linear: "kz" = Σφ(K) [D], and "kv" = φ(K)ᵀV [D, D],
     or with proj_l "kv_proj" = (φ(K)ᵀV)·Wᵀ in fp16 divided by "kv_proj_scale" (its absmax, [B·H]) and
-    "proj_bias" [D]: what the linear-branch epilogue reads.
+    "proj_bias" [D]: what the linear-branch epilogue reads. transposed: "kv_proj_t" = "kv_proj"ᵀ instead (the CUDA
+    kernel's layout).
     """
     batch, seq, heads, dim = k.shape
     bh, device, f32 = batch * heads, k.device, torch.float32
@@ -820,7 +831,8 @@ def _key_statistics(k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool, linear: b
         k, v, k_sum_part, v_max_part, kv_part, kz_part,
         seq, heads, blocks_per_chunk,
         *_heads_first_strides(k), *_heads_first_strides(v),
-        BLOCK_N=_STATS_TILE, HEAD_DIM=dim, V_ABSMAX=fp8_pv, LINEAR=linear, num_warps=_STATS_WARPS,
+        BLOCK_N=_STATS_TILE, HEAD_DIM=dim, V_ABSMAX=fp8_pv, LINEAR=linear, NUM_STAGES=_STATS_STAGES,
+        num_warps=_STATS_WARPS,
     )
 
     fold = proj_l is not None
@@ -843,12 +855,13 @@ def _key_statistics(k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool, linear: b
         num_warps=4,
     )
     if fold:
-        stats["kv_proj"] = _empty((bh, dim, dim), torch.float16, device)
+        name = "kv_proj_t" if transposed else "kv_proj"
+        stats[name] = _empty((bh, dim, dim), torch.float16, device)
         stats["kv_proj_scale"] = _empty((bh,), f32, device)
         stats["proj_bias"] = proj_l.bias.detach().float().contiguous()
         _kv_proj_normalize_kernel[(n_tiles, bh)](
-            kv_proj, kv_proj_tile_max, stats["kv_proj"], stats["kv_proj_scale"],
-            ROWS=_FINISH_ROWS, N_TILES=n_tiles, HEAD_DIM=dim, num_warps=4,
+            kv_proj, kv_proj_tile_max, stats[name], stats["kv_proj_scale"],
+            ROWS=_FINISH_ROWS, N_TILES=n_tiles, HEAD_DIM=dim, TRANSPOSED=transposed, num_warps=4,
         )
     return stats
 
@@ -885,10 +898,12 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
     Args:
         linear: compute the linear branch's key-side sums (Σφ(K), φ(K)ᵀV).
         proj_l: fold this Linear(D, D) into φ(K)ᵀV ("kv_proj", "kv_proj_scale", "proj_bias"); needs linear.
-        permute_v: store "v8t" with the tokens of each aligned group of 32 permuted: token 32c + j goes to column
-            32c + κ(j), κ(j) = (j & 0b10001) | ((j & 0b00110) << 1) | ((j & 0b01000) >> 2). This is the k order of
-            an FP8 wgmma A operand taken from accumulator registers (the CUDA kernel's P), so P·V stays exact.
-            The Triton sagesla kernel reads the unpermuted layout. Needs fp8_pv.
+        permute_v: prepare for the CUDA kernel (csrc/sagesla_attn.cu). Store "v8t" with the tokens of each aligned
+            group of 32 permuted: token 32c + j goes to column 32c + κ(j), κ(j) = (j & 0b10001) | ((j & 0b00110) << 1)
+            | ((j & 0b01000) >> 2). This is the k order of an FP8 wgmma A operand taken from accumulator registers
+            (the CUDA kernel's P), so P·V stays exact. The Triton sagesla kernel reads the unpermuted layout. With
+            proj_l the statistics hold "kv_proj_t" instead of "kv_proj", from the CUDA statistics kernel where it
+            can run. Needs fp8_pv.
 
     Raises:
         ValueError: for an option without the one it needs.
@@ -902,7 +917,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
     n_qblocks, n_kblocks = triton.cdiv(seq, block_q), triton.cdiv(seq, block_k)
     padded_keys = n_kblocks * block_k
 
-    extra = _key_statistics(k, v, fp8_pv=fp8_pv, linear=linear, proj_l=proj_l)
+    if permute_v and linear == (proj_l is not None) and sagesla_cuda.statistics_usable(k, v):
+        extra = sagesla_cuda.key_statistics(k, v, proj_l)  # one launch instead of three
+    else:
+        extra = _key_statistics(k, v, fp8_pv=fp8_pv, linear=linear, proj_l=proj_l, transposed=permute_v)
     k_mean = extra.pop("k_mean")
     q_pool = _empty((bh, n_qblocks, dim), f32, device)
     k_pool = _empty((bh, n_kblocks, dim), f32, device)
@@ -965,7 +983,7 @@ def _sagesla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk:
         prepared = _prepare(q, k, v, topk=topk, block_q=block_q, block_k=block_k, quantize=True, fp8_pv=True,
                             linear=linear, proj_l=proj_l, permute_v=True)
         extra = prepared.extra
-        branch = sagesla_cuda.LinearBranch(q, extra["kv_proj"], extra["kv_proj_scale"], extra["kz"],
+        branch = sagesla_cuda.LinearBranch(q, extra["kv_proj_t"], extra["kv_proj_scale"], extra["kz"],
                                            extra["proj_bias"]) if linear else None
         return sagesla_cuda.sagesla_attention_cuda(
             extra["q8"], extra["q_scale"], extra["k8"], extra["k_scale"], extra["v8t"], extra["v_scale"],

@@ -136,7 +136,8 @@ def test_linear_branch_in_the_epilogue_and_output_strides(block_q: int) -> None:
     kv_proj = kv @ weight.T
     scale = kv_proj.abs().amax((1, 2))
     kz = phi_k.sum(1)
-    branch = sagesla_cuda.LinearBranch(q, (kv_proj / scale[:, None, None]).half(), scale, kz, bias)
+    kv_proj_t = (kv_proj / scale[:, None, None]).half().transpose(1, 2).contiguous()
+    branch = sagesla_cuda.LinearBranch(q, kv_proj_t, scale, kz, bias)
     # out as a [B, L, H, D] view of a wider buffer; its neighbours must stay untouched
     storage = torch.full((batch, seq, 3 * heads, dim), float("nan"), dtype=torch.bfloat16, device="cuda")
     out = storage[:, :, heads:2 * heads]
@@ -184,3 +185,43 @@ def test_sagesla_backend_runs_the_kernel_and_matches_its_triton_path(shape: tupl
     if shape[1] <= 4000:
         ref = sla.sparse_linear_attention_reference(q, k, v, topk=0.1, block_q=block_q, block_k=128, proj_l=proj_l)
         assert _cosine(got.float(), ref) >= 0.999  # the issue's sparse bar
+
+
+def _statistics_reference(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fp32 key statistics of [B, L, H, D] k and v, each [B·H, ...]; kv_proj_t unnormalized."""
+    batch, seq, heads, dim = k.shape
+    k32, v32 = (t.float().transpose(1, 2).reshape(batch * heads, seq, dim) for t in (k, v))
+    phi_k = torch.softmax(k32, dim=-1)
+    kv_proj = (phi_k.transpose(1, 2) @ v32) @ weight.T  # [B·H, D_in, D_out]
+    return {"k_mean": k32.mean(1), "v_scale": v32.abs().amax(1) / 448.0, "kz": phi_k.sum(1),
+            "kv_proj_t": kv_proj.transpose(1, 2)}
+
+
+@pytest.mark.parametrize(("batch", "seq", "heads"), [(2, 1000, 3), (1, 64, 1), (1, 32760, 12)])
+def test_key_statistics_match_fp32_reference(batch: int, seq: int, heads: int) -> None:
+    """csrc/sagesla_stats.cu against fp32 torch: ragged tiles, B > 1, strided k/v views, a large K channel bias."""
+    dim = 128
+    gen = torch.Generator(device="cuda").manual_seed(seq)
+    qkv = torch.randn(batch, seq, 3, heads, dim, generator=gen, device="cuda")
+    qkv[:, :, 1] += 4.0 * torch.randn(dim, generator=gen, device="cuda")  # the bias smoothing removes
+    qkv[:, :, 1, :, 7] += 20.0  # one dominant key channel: φ(k) is nearly one-hot there
+    qkv[:, :, 2, :, 3] *= 8.0
+    _, k, v = qkv.bfloat16().unbind(2)
+    proj_l = torch.nn.Linear(dim, dim).cuda()
+    assert sagesla_cuda.statistics_usable(k, v)
+    ref = _statistics_reference(k, v, proj_l.weight.float())
+    got = sagesla_cuda.key_statistics(k, v, proj_l)
+    for name in ("k_mean", "v_scale", "kz"):
+        torch.testing.assert_close(got[name], ref[name], rtol=2e-3, atol=1e-3 * ref[name].abs().max().item())
+    kv_proj_t = got["kv_proj_t"].float() * got["kv_proj_scale"][:, None, None]
+    scale = ref["kv_proj_t"].abs().amax((1, 2))
+    torch.testing.assert_close(got["kv_proj_scale"], scale, rtol=1e-2, atol=0.0)
+    # φ(K) goes to bf16 for the tensor cores (as in the Triton pass): about 2^-9 relative per term
+    err = (kv_proj_t - ref["kv_proj_t"]).abs().amax((1, 2)) / scale
+    assert err.max().item() <= 5e-3, err
+    torch.testing.assert_close(got["proj_bias"], proj_l.bias.float())
+    again = sagesla_cuda.key_statistics(k, v, proj_l)
+    assert all(torch.equal(again[name], got[name]) for name in got), "the partial sums must be deterministic"
+    without_linear = sagesla_cuda.key_statistics(k, v, None)
+    assert sorted(without_linear) == ["k_mean", "v_scale"]
+    assert torch.equal(without_linear["k_mean"], got["k_mean"]) and torch.equal(without_linear["v_scale"], got["v_scale"])

@@ -1,0 +1,459 @@
+// SageSLA's key-side statistics for sm_90 in one launch (the pre-pass of csrc/sagesla_attn.cu): the K mean (the
+// smoothing vector), V's per-channel absmax / 448 (the FP8 scale) and, for the linear branch, Σφ(K) and
+// ((φ(K)ᵀV)·Wᵀ)ᵀ in fp16 over its absmax, the layout the attention epilogue stages. φ = softmax over the head dim.
+//
+// Grid (chunks, B·H), 256 threads. A CTA streams its chunk's 64-token tiles of K and V through a cp.async ring
+// (rows padded to 272 bytes: eight consecutive rows start in distinct bank groups, so ldmatrix is conflict-free),
+// turns each K tile into φ(K) in place (a warp per token: max and sum by shuffles) and accumulates φ(K)ᵀV with
+// mma.sync m16n8k16 (bf16 in, fp32 out); ldmatrix.trans takes both operands from the natural [token, channel]
+// tiles. The Triton version of this pass spent its time in layout shuffles through shared memory at one CTA per
+// SM (255 registers). Partials go to a workspace and are summed in a two-level tree of atomic tickets: the last
+// CTA of each group of chunks sums the group's partials, the last group to finish sums the group sums (one CTA
+// alone reading all ~22 partials of a Wan 1.3B head was a 90 µs tail), folds proj_l's W in fp32 and normalizes.
+// The sums run in a fixed order, so the result is deterministic.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kHeadDim = 128;
+constexpr int kTile = 64;  // tokens per ring stage
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kStages = 3;
+constexpr int kRowBytes = kHeadDim * 2 + 16;
+constexpr int kTileBytes = kTile * kRowBytes;
+constexpr int kStageBytes = 2 * kTileBytes;  // K then V
+constexpr int kSmemBytes = kStages * kStageBytes;
+constexpr int kFoldStride = kHeadDim + 4;  // floats per row of the staged φ(K)ᵀV (transposed) in the fold
+// a partial: φ(K)ᵀV transposed ([d_v][d_k]), then Σk, max|v|, Σφ(K)
+constexpr int kPartFloats = kHeadDim * kHeadDim + 3 * kHeadDim;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kFp8Max = 448.0f;
+static_assert(kHeadDim * kHeadDim / 4 == 16 * kThreads, "the reduction gives each thread 16 float4 of φ(K)ᵀV");
+static_assert(kHeadDim * kFoldStride * 4 <= kSmemBytes, "the fold stages φ(K)ᵀV in the ring's shared memory");
+
+struct Params {
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;
+  long long k_sb, k_sl, k_sh, v_sb, v_sl, v_sh;  // strides in elements (batch, token, head)
+  int seq, heads, tiles_per_chunk, chunks, group_size, groups;
+  float* partials;     // [B·H, chunks + groups, kPartFloats]: the chunks' partials, then the groups' sums
+  unsigned* tickets;   // [B·H, groups + 1], zero before the launch
+  const float* proj_weight;  // W [D_out, D_in] fp32 (kLinear)
+  float* k_mean;             // [B·H, D]
+  float* v_scale;            // [B·H, D]
+  float* kz;                 // [B·H, D] (kLinear)
+  __half* kv_proj_t;         // [B·H, D_out, D_in] (kLinear)
+  float* kv_proj_scale;      // [B·H] (kLinear)
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global → shared; `valid` false zero-fills (the ragged last tile).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row)));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename Op>
+__device__ __forceinline__ float warp_all_reduce(float x, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ void unpack4(uint2 raw, float (&x)[4]) {
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.y));
+  x[0] = lo.x, x[1] = lo.y, x[2] = hi.x, x[3] = hi.y;
+}
+
+// Tile `tile` (64 tokens) of K and V of (b, h) into one ring stage, 16 bytes per copy, 4 + 4 per thread.
+__device__ __forceinline__ void load_tile(const Params& p, uint8_t* stage, int b, int h, int tile, int tid) {
+#pragma unroll
+  for (int j = 0; j < kTile * kHeadDim / 8 / kThreads; ++j) {
+    const int piece = tid + j * kThreads;
+    const int row = piece / (kHeadDim / 8), col = piece % (kHeadDim / 8);
+    const int token = tile * kTile + row;
+    const bool valid = token < p.seq;
+    const long long t = valid ? token : 0;
+    cp_async_16(stage + row * kRowBytes + col * 16, p.k + b * p.k_sb + t * p.k_sl + h * p.k_sh + col * 8, valid);
+    cp_async_16(stage + kTileBytes + row * kRowBytes + col * 16, p.v + b * p.v_sb + t * p.v_sl + h * p.v_sh + col * 8,
+                valid);
+  }
+}
+
+// The last CTA of a (b, h): sum the partials in chunk order and write the outputs.
+// Sum `count` consecutive partials at src into dst (max for max|v|): 8 float4 per thread over two partials per
+// step, 16 loads in flight per thread (the time of these sums is the kernel's tail).
+__device__ void sum_partials(const float* src, int count, float* dst, int tid) {
+  constexpr int kFloat4s = kPartFloats / 4, kPerThread = 8;
+  constexpr int kMaxFirst = (kHeadDim * kHeadDim + kHeadDim) / 4, kMaxEnd = kMaxFirst + kHeadDim / 4;
+  const float4* in = reinterpret_cast<const float4*>(src);
+  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int e0 = tid; e0 < kFloat4s; e0 += kPerThread * kThreads) {
+    float4 acc[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) acc[u] = zero;
+    for (int c = 0; c < count; c += 2) {
+      const bool pair = c + 1 < count;
+      float4 x[kPerThread], y[kPerThread];
+#pragma unroll
+      for (int u = 0; u < kPerThread; ++u) {
+        const int e = e0 + u * kThreads;
+        x[u] = e < kFloat4s ? __ldcg(in + static_cast<long long>(c) * kFloat4s + e) : zero;
+        y[u] = e < kFloat4s && pair ? __ldcg(in + static_cast<long long>(c + 1) * kFloat4s + e) : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < kPerThread; ++u) {
+        const int e = e0 + u * kThreads;
+        if (e >= kMaxFirst && e < kMaxEnd) {  // |v| ≥ 0, so the zero of a missing partner is neutral
+          acc[u] = make_float4(fmaxf(acc[u].x, fmaxf(x[u].x, y[u].x)), fmaxf(acc[u].y, fmaxf(x[u].y, y[u].y)),
+                               fmaxf(acc[u].z, fmaxf(x[u].z, y[u].z)), fmaxf(acc[u].w, fmaxf(x[u].w, y[u].w)));
+        } else {
+          acc[u] = make_float4(acc[u].x + (x[u].x + y[u].x), acc[u].y + (x[u].y + y[u].y),
+                               acc[u].z + (x[u].z + y[u].z), acc[u].w + (x[u].w + y[u].w));
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int e = e0 + u * kThreads;
+      if (e < kFloat4s) __stcg(reinterpret_cast<float4*>(dst) + e, acc[u]);
+    }
+  }
+}
+
+// The last CTA of a (b, h): sum the `count` group sums at parts in order and write the outputs.
+template <bool kLinear>
+__device__ void finish(const Params& p, uint8_t* smem, int bh, int tid, const float* parts, int count) {
+  if (tid < kHeadDim) {
+    float k_sum = 0.0f, v_max = 0.0f, kz = 0.0f;
+    for (int c = 0; c < count; ++c) {
+      const float* part = parts + static_cast<long long>(c) * kPartFloats + kHeadDim * kHeadDim;
+      k_sum += __ldcg(part + tid);
+      v_max = fmaxf(v_max, __ldcg(part + kHeadDim + tid));
+      kz += __ldcg(part + 2 * kHeadDim + tid);
+    }
+    p.k_mean[bh * kHeadDim + tid] = k_sum / p.seq;
+    p.v_scale[bh * kHeadDim + tid] = v_max / kFp8Max;
+    if (kLinear) p.kz[bh * kHeadDim + tid] = kz;
+  }
+  if (!kLinear) return;
+  // φ(K)ᵀV, kept transposed: kv_t[j][i] = Σ_tokens φ(k)_i v_j, i = key channel, j = value channel
+  float* kv_t = reinterpret_cast<float*>(smem);
+  // 16 float4 per thread, summed 8 at a time over two partials per step: 16 loads in flight per thread
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float4 sum[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) sum[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float4* base = reinterpret_cast<const float4*>(parts) + half * 8 * kThreads + tid;
+    for (int c = 0; c < count; c += 2) {
+      const bool pair = c + 1 < count;
+      float4 x[8], y[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        x[q] = __ldcg(base + static_cast<long long>(c) * (kPartFloats / 4) + q * kThreads);
+        y[q] = pair ? __ldcg(base + static_cast<long long>(c + 1) * (kPartFloats / 4) + q * kThreads)
+                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        sum[q].x += x[q].x + y[q].x, sum[q].y += x[q].y + y[q].y;
+        sum[q].z += x[q].z + y[q].z, sum[q].w += x[q].w + y[q].w;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int e = ((half * 8 + q) * kThreads + tid) * 4;
+      *reinterpret_cast<float4*>(kv_t + (e / kHeadDim) * kFoldStride + e % kHeadDim) = sum[q];
+    }
+  }
+  __syncthreads();
+  // ((φ(K)ᵀV)·Wᵀ)ᵀ[o][i] = Σ_j W[o][j] (φ(K)ᵀV)[i][j] in plain fp32 FMAs, register-blocked: the thread owns rows
+  // o0 … o0 + 3 (two per pass: 4 rows of 16 accumulators spilled at this kernel's 128 registers) and 16 columns
+  // i (4·g … +4 in each 32-column quarter, g = tid % 8: a warp's loads of a row of kv_t are 8 distinct contiguous
+  // float4, one wavefront)
+  const int o0 = (tid >> 3) * 4, g = tid & 7;
+  float amax = 0.0f;
+  float acc[2][2][16];  // [pass][row][column]; the first pass is final before the second starts
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < 16; ++i) acc[pass][r][i] = 0.0f;
+    const float* w = p.proj_weight + (o0 + 2 * pass) * kHeadDim;
+#pragma unroll 2
+    for (int j4 = 0; j4 < kHeadDim / 4; ++j4) {
+      float4 w4[2];  // W[o][4·j4 … +4] of the pass's two rows
+#pragma unroll
+      for (int r = 0; r < 2; ++r) w4[r] = __ldg(reinterpret_cast<const float4*>(w + r * kHeadDim) + j4);
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int j = 4 * j4 + jj;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 x = *reinterpret_cast<const float4*>(kv_t + j * kFoldStride + 32 * q + 4 * g);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float w_rj = jj == 0 ? w4[r].x : jj == 1 ? w4[r].y : jj == 2 ? w4[r].z : w4[r].w;
+            float* a = acc[pass][r] + 4 * q;
+            a[0] = fmaf(w_rj, x.x, a[0]);
+            a[1] = fmaf(w_rj, x.y, a[1]);
+            a[2] = fmaf(w_rj, x.z, a[2]);
+            a[3] = fmaf(w_rj, x.w, a[3]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(acc[pass][r][i]));
+  }
+  // fp16 over the absmax of the whole product: it grows with L, fp16 alone would overflow
+  amax = warp_all_reduce(amax, [](float a, float b) { return fmaxf(a, b); });
+  __syncthreads();  // everyone is done reading kv_t before its first words are reused
+  float* warp_max = kv_t;
+  if ((tid & 31) == 0) warp_max[tid / 32] = amax;
+  __syncthreads();
+  float scale = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) scale = fmaxf(scale, warp_max[w]);
+  scale = fmaxf(scale, 1e-30f);  // an all-zero product stays 0
+  const float inv = 1.0f / scale;
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      __half* out = p.kv_proj_t + (static_cast<long long>(bh) * kHeadDim + o0 + 2 * pass + r) * kHeadDim + 4 * g;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        __align__(8) __half h4[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) h4[u] = __float2half_rn(acc[pass][r][4 * q + u] * inv);
+        *reinterpret_cast<uint2*>(out + 32 * q) = *reinterpret_cast<const uint2*>(h4);
+      }
+    }
+  if (tid == 0) p.kv_proj_scale[bh] = scale;
+}
+
+template <bool kLinear>
+__global__ void __launch_bounds__(kThreads, 2) key_statistics_kernel(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int n_tiles = (p.seq + kTile - 1) / kTile;
+  const int first = chunk * p.tiles_per_chunk;
+  const int count = min(first + p.tiles_per_chunk, n_tiles) - first;
+
+  // sums over this thread's tokens of channels 4·lane … 4·lane + 3
+  float k_sum[4] = {}, v_max[4] = {}, kz[4] = {};
+  // φ(K)ᵀV: warp w owns key channels 32·(w % 4) … +32 (two m16 blocks) × value channels 64·(w / 4) … +64 (8 n8)
+  float acc[2][8][4] = {};
+  const int m_base = (warp & 3) * 32, n_base = (warp >> 2) * 64;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < count) load_tile(p, smem + s * kStageBytes, b, h, first + s, tid);
+    cp_async_commit();
+  }
+  for (int i = 0; i < count; ++i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile i has landed for every thread, and the stage of tile i - 1 is free
+    if (i + kStages - 1 < count) load_tile(p, smem + ((i + kStages - 1) % kStages) * kStageBytes, b, h,
+                                           first + i + kStages - 1, tid);
+    cp_async_commit();
+    uint8_t* k_tile = smem + (i % kStages) * kStageBytes;
+    const uint8_t* v_tile = k_tile + kTileBytes;
+    const int token0 = (first + i) * kTile;
+#pragma unroll
+    for (int r = 0; r < kTile / kWarps; ++r) {
+      const int row = warp * (kTile / kWarps) + r;
+      uint2* k_ptr = reinterpret_cast<uint2*>(k_tile + row * kRowBytes + lane * 8);
+      float k[4], v[4];
+      unpack4(*k_ptr, k);
+      unpack4(*reinterpret_cast<const uint2*>(v_tile + row * kRowBytes + lane * 8), v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) k_sum[j] += k[j], v_max[j] = fmaxf(v_max[j], fabsf(v[j]));
+      if (kLinear) {
+        float m = fmaxf(fmaxf(k[0], k[1]), fmaxf(k[2], k[3]));
+        m = warp_all_reduce(m, [](float a, float b) { return fmaxf(a, b); });
+        float e[4], s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) e[j] = fast_exp2((k[j] - m) * kLog2e), s += e[j];
+        s = warp_all_reduce(s, [](float a, float b) { return a + b; });
+        // s ≥ 1 (the max term is 1): the approximate reciprocal needs no special cases; padded tokens are no keys
+        const float inv = token0 + row < p.seq ? __fdividef(1.0f, s) : 0.0f;
+        __align__(8) __nv_bfloat16 phi[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float x = e[j] * inv;
+          kz[j] += x;
+          phi[j] = __float2bfloat16_rn(x);
+        }
+        *k_ptr = *reinterpret_cast<const uint2*>(phi);
+      }
+    }
+    if (kLinear) {
+      __syncthreads();  // φ(K) of every token is in place
+#pragma unroll
+      for (int kk = 0; kk < kTile; kk += 16) {
+        uint32_t a[2][4], bfrag[8][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          // A = φ(K)ᵀ (m = key channel, k = token): matrices (m 0-7 | 8-15) × (k 0-7 | 8-15) in a0 … a3 order
+          const int t = kk + (lane & 7) + ((lane >> 4) & 1) * 8, d = m_base + mi * 16 + ((lane >> 3) & 1) * 8;
+          ldmatrix_x4_trans(a[mi], k_tile + t * kRowBytes + d * 2);
+        }
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj) {
+          // B = V (k = token, n = value channel): two n8 blocks × (k 0-7 | 8-15)
+          const int t = kk + (lane & 7) + ((lane >> 3) & 1) * 8, d = n_base + nj * 16 + ((lane >> 4) & 1) * 8;
+          uint32_t r[4];
+          ldmatrix_x4_trans(r, v_tile + t * kRowBytes + d * 2);
+          bfrag[2 * nj][0] = r[0], bfrag[2 * nj][1] = r[1], bfrag[2 * nj + 1][0] = r[2], bfrag[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 8; ++ni) mma_bf16(acc[mi][ni], a[mi], bfrag[ni][0], bfrag[ni][1]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is idle: its shared memory holds the cross-warp sums below
+
+  float* parts = p.partials + static_cast<long long>(bh) * (p.chunks + p.groups) * kPartFloats;
+  float* part = parts + static_cast<long long>(chunk) * kPartFloats;
+  if (kLinear) {
+    // accumulator (m16 × n8): c0, c1 at (row g, columns 2c, 2c+1), c2, c3 at row g + 8; stored transposed
+    const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 8; ++ni) {
+        const int row = m_base + mi * 16 + g, col = n_base + ni * 8 + 2 * c;
+        part[col * kHeadDim + row] = acc[mi][ni][0];
+        part[(col + 1) * kHeadDim + row] = acc[mi][ni][1];
+        part[col * kHeadDim + row + 8] = acc[mi][ni][2];
+        part[(col + 1) * kHeadDim + row + 8] = acc[mi][ni][3];
+      }
+  }
+  float* sums = reinterpret_cast<float*>(smem);  // [3][kWarps][D]
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    sums[(0 * kWarps + warp) * kHeadDim + 4 * lane + j] = k_sum[j];
+    sums[(1 * kWarps + warp) * kHeadDim + 4 * lane + j] = v_max[j];
+    sums[(2 * kWarps + warp) * kHeadDim + 4 * lane + j] = kz[j];
+  }
+  __syncthreads();
+  if (tid < kHeadDim) {
+    float ks = 0.0f, vm = 0.0f, zs = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      ks += sums[(0 * kWarps + w) * kHeadDim + tid];
+      vm = fmaxf(vm, sums[(1 * kWarps + w) * kHeadDim + tid]);
+      zs += sums[(2 * kWarps + w) * kHeadDim + tid];
+    }
+    part[kHeadDim * kHeadDim + tid] = ks;
+    part[kHeadDim * kHeadDim + kHeadDim + tid] = vm;
+    part[kHeadDim * kHeadDim + 2 * kHeadDim + tid] = zs;
+  }
+
+  // the last CTA of each group of chunks sums the group (classic threadfence reduction), the last group the rest
+  __shared__ bool last;
+  const int group = chunk / p.group_size;
+  const int in_group = min(p.group_size, p.chunks - group * p.group_size);
+  unsigned* tickets = p.tickets + bh * (p.groups + 1);
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(tickets + group, 1u) == static_cast<unsigned>(in_group - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  float* group_sums = parts + static_cast<long long>(p.chunks) * kPartFloats;
+  sum_partials(parts + static_cast<long long>(group) * p.group_size * kPartFloats, in_group,
+               group_sums + static_cast<long long>(group) * kPartFloats, tid);
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(tickets + p.groups, 1u) == static_cast<unsigned>(p.groups - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  finish<kLinear>(p, smem, bh, tid, group_sums, p.groups);
+}
+
+template <bool kLinear>
+cudaError_t launch(const Params& p, int batch_heads, cudaStream_t stream) {
+  const auto kernel = key_statistics_kernel<kLinear>;
+  static bool configured = false;
+  if (!configured) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
+  kernel<<<dim3(p.chunks, batch_heads), kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// k, v: bf16 [B, L, H, 128], head dim contiguous, 16-byte aligned rows. chunks · tiles_per_chunk covers the
+// ceil(L / 64) tiles and every chunk has at least one; the chunks are summed in groups of group_size.
+// partials: fp32 [B·H, chunks + ceil(chunks / group_size), D² + 3·D] scratch; tickets: uint32
+// [B·H, ceil(chunks / group_size) + 1], zero on entry. proj_weight non-null: the linear branch's kz, kv_proj_t and
+// kv_proj_scale are written too. Returns a cudaError_t code.
+extern "C" int sagesla_key_statistics(const void* k, const void* v, long long k_sb, long long k_sl, long long k_sh,
+                                      long long v_sb, long long v_sl, long long v_sh, int batch_heads, int heads,
+                                      int seq, int tiles_per_chunk, int chunks, int group_size, float* partials,
+                                      unsigned* tickets, const float* proj_weight, float* k_mean, float* v_scale,
+                                      float* kz, void* kv_proj_t, float* kv_proj_scale, void* stream) {
+  const int n_tiles = (seq + kTile - 1) / kTile;
+  if (seq <= 0 || chunks <= 0 || tiles_per_chunk <= 0 || (chunks - 1) * tiles_per_chunk >= n_tiles ||
+      chunks * tiles_per_chunk < n_tiles || group_size <= 0) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const Params p{static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v), k_sb, k_sl, k_sh,
+                 v_sb, v_sl, v_sh, seq, heads, tiles_per_chunk, chunks, group_size,
+                 (chunks + group_size - 1) / group_size, partials, tickets, proj_weight, k_mean, v_scale, kz,
+                 static_cast<__half*>(kv_proj_t), kv_proj_scale};
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return static_cast<int>(proj_weight != nullptr ? launch<true>(p, batch_heads, s) : launch<false>(p, batch_heads, s));
+}
