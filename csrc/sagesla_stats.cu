@@ -28,13 +28,14 @@ constexpr int kRowBytes = kHeadDim * 2 + 16;
 constexpr int kTileBytes = kTile * kRowBytes;
 constexpr int kStageBytes = 2 * kTileBytes;  // K then V
 constexpr int kSmemBytes = kStages * kStageBytes;
-constexpr int kFoldStride = kHeadDim + 4;  // floats per row of the staged φ(K)ᵀV (transposed) in the fold
+constexpr int kFoldStride = kHeadDim + 4;  // floats per row of the staged Wᵀ in the fold
+constexpr int kHalfStride = kHeadDim / 2 + 4;  // floats per row of the staged half of φ(K)ᵀV in the fold
 // a partial: φ(K)ᵀV transposed ([d_v][d_k]), then Σk, max|v|, Σφ(K)
 constexpr int kPartFloats = kHeadDim * kHeadDim + 3 * kHeadDim;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kFp8Max = 448.0f;
-static_assert(kHeadDim * kHeadDim / 4 == 16 * kThreads, "the reduction gives each thread 16 float4 of φ(K)ᵀV");
-static_assert(kHeadDim * kFoldStride * 4 <= kSmemBytes, "the fold stages φ(K)ᵀV in the ring's shared memory");
+static_assert(kHeadDim * kHeadDim / 8 == 8 * kThreads, "the fold gives each thread 8 float4 of a half of φ(K)ᵀV");
+static_assert(kHeadDim * (kFoldStride + kHalfStride) * 4 <= kSmemBytes, "the fold stages Wᵀ and a half of φ(K)ᵀV");
 
 struct Params {
   const __nv_bfloat16* k;
@@ -174,22 +175,41 @@ __device__ void finish(const Params& p, uint8_t* smem, int bh, int tid, const fl
     if (kLinear) p.kz[bh * kHeadDim + tid] = kz;
   }
   if (!kLinear) return;
-  // φ(K)ᵀV, kept transposed: kv_t[j][i] = Σ_tokens φ(k)_i v_j, i = key channel, j = value channel
-  float* kv_t = reinterpret_cast<float*>(smem);
-  // 16 float4 per thread, summed 8 at a time over two partials per step: 16 loads in flight per thread
+  // ((φ(K)ᵀV)·Wᵀ)ᵀ[o][i] = Σ_j W[o][j] (φ(K)ᵀV)[i][j] in plain fp32 FMAs from shared memory, one half of the
+  // columns i per pass: Wᵀ (staged once) and that half of φ(K)ᵀV fit the ring's shared memory together. Loading W
+  // from global memory inside the loop put an L2 round trip on every step (the fold was most of the kernel's tail).
+  float* w_t = reinterpret_cast<float*>(smem);   // [j][o], row stride kFoldStride
+  float* kv_half = w_t + kHeadDim * kFoldStride;  // [j][i - 64·pass], row stride kHalfStride
+  for (int f = tid; f < kHeadDim * kHeadDim / 4; f += kThreads) {
+    // lanes take consecutive rows o of one 4-column slice of W: the transposed stores hit distinct banks
+    const int o = f % kHeadDim, j4 = f / kHeadDim;
+    const float4 w4 = __ldg(reinterpret_cast<const float4*>(p.proj_weight + o * kHeadDim) + j4);
+    w_t[(4 * j4) * kFoldStride + o] = w4.x;
+    w_t[(4 * j4 + 1) * kFoldStride + o] = w4.y;
+    w_t[(4 * j4 + 2) * kFoldStride + o] = w4.z;
+    w_t[(4 * j4 + 3) * kFoldStride + o] = w4.w;
+  }
+  // the thread owns rows o0 … o0 + 3 and, per pass, columns 4·g … +4 and 32 + 4·g … +4 of the half (g = tid % 8):
+  // a warp's loads of a row are 8 distinct contiguous float4 (one wavefront) and 4 broadcast float4 of Wᵀ
+  const int o0 = (tid >> 3) * 4, g = tid & 7;
+  float acc[2][4][8];  // [pass][row][column]; both passes stay until the absmax of the whole product is known
+  float amax = 0.0f;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
+  for (int pass = 0; pass < 2; ++pass) {
+    // this half of φ(K)ᵀV = Σ of the group sums (stored transposed: [j][i]); 8 float4 per thread, two sums per
+    // step, 16 loads in flight per thread
     float4 sum[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) sum[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const float4* base = reinterpret_cast<const float4*>(parts) + half * 8 * kThreads + tid;
     for (int c = 0; c < count; c += 2) {
       const bool pair = c + 1 < count;
       float4 x[8], y[8];
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        x[q] = __ldcg(base + static_cast<long long>(c) * (kPartFloats / 4) + q * kThreads);
-        y[q] = pair ? __ldcg(base + static_cast<long long>(c + 1) * (kPartFloats / 4) + q * kThreads)
+        const int f = q * kThreads + tid, j = f / 16, i4 = f % 16;
+        const float4* src = reinterpret_cast<const float4*>(parts) + j * (kHeadDim / 4) + pass * 16 + i4;
+        x[q] = __ldcg(src + static_cast<long long>(c) * (kPartFloats / 4));
+        y[q] = pair ? __ldcg(src + static_cast<long long>(c + 1) * (kPartFloats / 4))
                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
 #pragma unroll
@@ -198,59 +218,38 @@ __device__ void finish(const Params& p, uint8_t* smem, int bh, int tid, const fl
         sum[q].z += x[q].z + y[q].z, sum[q].w += x[q].w + y[q].w;
       }
     }
+    __syncthreads();  // the previous pass is done reading kv_half (and, on the first, w_t is complete)
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-      const int e = ((half * 8 + q) * kThreads + tid) * 4;
-      *reinterpret_cast<float4*>(kv_t + (e / kHeadDim) * kFoldStride + e % kHeadDim) = sum[q];
+      const int f = q * kThreads + tid, j = f / 16, i4 = f % 16;
+      *reinterpret_cast<float4*>(kv_half + j * kHalfStride + 4 * i4) = sum[q];
     }
-  }
-  __syncthreads();
-  // ((φ(K)ᵀV)·Wᵀ)ᵀ[o][i] = Σ_j W[o][j] (φ(K)ᵀV)[i][j] in plain fp32 FMAs, register-blocked: the thread owns rows
-  // o0 … o0 + 3 (two per pass: 4 rows of 16 accumulators spilled at this kernel's 128 registers) and 16 columns
-  // i (4·g … +4 in each 32-column quarter, g = tid % 8: a warp's loads of a row of kv_t are 8 distinct contiguous
-  // float4, one wavefront)
-  const int o0 = (tid >> 3) * 4, g = tid & 7;
-  float amax = 0.0f;
-  float acc[2][2][16];  // [pass][row][column]; the first pass is final before the second starts
+    __syncthreads();
 #pragma unroll
-  for (int pass = 0; pass < 2; ++pass) {
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
+      for (int i = 0; i < 8; ++i) acc[pass][r][i] = 0.0f;
+#pragma unroll 4
+    for (int j = 0; j < kHeadDim; ++j) {
+      const float4 w4 = *reinterpret_cast<const float4*>(w_t + j * kFoldStride + o0);
+      const float4 lo = *reinterpret_cast<const float4*>(kv_half + j * kHalfStride + 4 * g);
+      const float4 hi = *reinterpret_cast<const float4*>(kv_half + j * kHalfStride + 32 + 4 * g);
+      const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+      const float x[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-      for (int i = 0; i < 16; ++i) acc[pass][r][i] = 0.0f;
-    const float* w = p.proj_weight + (o0 + 2 * pass) * kHeadDim;
-#pragma unroll 2
-    for (int j4 = 0; j4 < kHeadDim / 4; ++j4) {
-      float4 w4[2];  // W[o][4·j4 … +4] of the pass's two rows
+      for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) w4[r] = __ldg(reinterpret_cast<const float4*>(w + r * kHeadDim) + j4);
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int j = 4 * j4 + jj;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float4 x = *reinterpret_cast<const float4*>(kv_t + j * kFoldStride + 32 * q + 4 * g);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float w_rj = jj == 0 ? w4[r].x : jj == 1 ? w4[r].y : jj == 2 ? w4[r].z : w4[r].w;
-            float* a = acc[pass][r] + 4 * q;
-            a[0] = fmaf(w_rj, x.x, a[0]);
-            a[1] = fmaf(w_rj, x.y, a[1]);
-            a[2] = fmaf(w_rj, x.z, a[2]);
-            a[3] = fmaf(w_rj, x.w, a[3]);
-          }
-        }
-      }
+        for (int i = 0; i < 8; ++i) acc[pass][r][i] = fmaf(w[r], x[i], acc[pass][r][i]);
     }
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(acc[pass][r][i]));
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(acc[pass][r][i]));
   }
   // fp16 over the absmax of the whole product: it grows with L, fp16 alone would overflow
   amax = warp_all_reduce(amax, [](float a, float b) { return fmaxf(a, b); });
-  __syncthreads();  // everyone is done reading kv_t before its first words are reused
-  float* warp_max = kv_t;
+  __syncthreads();  // everyone is done reading shared memory before its first words are reused
+  float* warp_max = w_t;
   if ((tid & 31) == 0) warp_max[tid / 32] = amax;
   __syncthreads();
   float scale = 0.0f;
@@ -261,14 +260,14 @@ __device__ void finish(const Params& p, uint8_t* smem, int bh, int tid, const fl
 #pragma unroll
   for (int pass = 0; pass < 2; ++pass)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      __half* out = p.kv_proj_t + (static_cast<long long>(bh) * kHeadDim + o0 + 2 * pass + r) * kHeadDim + 4 * g;
+    for (int r = 0; r < 4; ++r) {
+      __half* out = p.kv_proj_t + (static_cast<long long>(bh) * kHeadDim + o0 + r) * kHeadDim + 64 * pass + 4 * g;
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int u = 0; u < 2; ++u) {
         __align__(8) __half h4[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) h4[u] = __float2half_rn(acc[pass][r][4 * q + u] * inv);
-        *reinterpret_cast<uint2*>(out + 32 * q) = *reinterpret_cast<const uint2*>(h4);
+        for (int v = 0; v < 4; ++v) h4[v] = __float2half_rn(acc[pass][r][4 * u + v] * inv);
+        *reinterpret_cast<uint2*>(out + 32 * u) = *reinterpret_cast<const uint2*>(h4);
       }
     }
   if (tid == 0) p.kv_proj_scale[bh] = scale;
