@@ -8,16 +8,20 @@
 // mma.sync m16n8k16 (bf16 in, fp32 out); ldmatrix.trans takes both operands from the natural [token, channel]
 // tiles. The Triton version of this pass spent its time in layout shuffles through shared memory at one CTA per
 // SM (255 registers). Partials go to a workspace and are summed in a two-level tree of atomic tickets: the last
-// CTA of each group of chunks sums the group's partials, the last group to finish sums the group sums (one CTA
-// alone reading all ~22 partials of a Wan 1.3B head was a 90 µs tail), folds proj_l's W in fp32 and normalizes.
-// The sums run in a fixed order, so the result is deterministic.
+// CTA of each group of chunks sums the group's partials, the last group to finish sums the group sums, folds
+// proj_l's W in fp32 and normalizes (with one CTA summing all ~22 partials of a Wan 1.3B head the tail took 90 µs,
+// with the tree 46). The sums run in a fixed order, so the result is deterministic.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "hopper.cuh"
+
 namespace {
+
+using hopper::smem_addr;
 
 constexpr int kHeadDim = 128;
 constexpr int kTile = 64;  // tokens per ring stage
@@ -51,10 +55,6 @@ struct Params {
   __half* kv_proj_t;         // [B·H, D_out, D_in] (kLinear)
   float* kv_proj_scale;      // [B·H] (kLinear)
 };
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // 16 bytes global → shared; `valid` false zero-fills (the ragged last tile).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {

@@ -83,6 +83,18 @@ def statistics_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     return cuda_build.sm90(k.device.index or 0) and _stats_library() is not None
 
 
+def statistics_grid(seq: int, batch_heads: int, sms: int) -> tuple[int, int, int, int]:
+    """(tiles per chunk, chunks per (b, h), chunks per group, groups) of the statistics kernel's launch."""
+    n_tiles = -(-seq // STATS_TILE)
+    # at most one wave: a few CTAs of a second wave would double the time (Wan 14B: 280 CTAs for 264 slots)
+    chunks = max(1, min(n_tiles, STATS_CTAS_PER_SM * sms // batch_heads))
+    tiles_per_chunk = -(-n_tiles // chunks)
+    chunks = -(-n_tiles // tiles_per_chunk)  # every chunk gets at least one tile
+    # the partials are summed in a two-level tree: about √chunks groups of about √chunks
+    group_size = math.isqrt(chunks - 1) + 1
+    return tiles_per_chunk, chunks, group_size, -(-chunks // group_size)
+
+
 def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
     """What sla.py's `_key_statistics` computes for the CUDA route, in one launch; callers check `statistics_usable`.
 
@@ -95,14 +107,7 @@ def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | N
         raise RuntimeError("the CUDA SageSLA statistics kernel is not available")
     batch, seq, heads, dim = k.shape
     bh, device, f32 = batch * heads, k.device, torch.float32
-    n_tiles = -(-seq // STATS_TILE)
-    # at most one wave: a few CTAs of a second wave would double the time (Wan 14B: 280 CTAs for 264 slots)
-    chunks = max(1, min(n_tiles, STATS_CTAS_PER_SM * cuda_build.sm_count(device.index or 0) // bh))
-    tiles_per_chunk = -(-n_tiles // chunks)
-    chunks = -(-n_tiles // tiles_per_chunk)  # every chunk gets at least one tile
-    # the partials are summed in a two-level tree: about √chunks groups of about √chunks
-    group_size = math.isqrt(chunks - 1) + 1
-    groups = -(-chunks // group_size)
+    tiles_per_chunk, chunks, group_size, groups = statistics_grid(seq, bh, cuda_build.sm_count(device.index or 0))
     partials = torch.empty((bh, chunks + groups, dim * dim + 3 * dim), dtype=f32, device=device)
     tickets = torch.zeros((bh, groups + 1), dtype=torch.int32, device=device)
     stats = {"k_mean": torch.empty((bh, dim), dtype=f32, device=device),

@@ -234,3 +234,22 @@ def test_prepare_rejects_inconsistent_options() -> None:
         sla._prepare(q, k, v, fp8_pv=False, linear=False, permute_v=True, **args)
     with pytest.raises(ValueError, match="linear=True"):
         sla._prepare(q, k, v, fp8_pv=False, linear=False, proj_l=proj_l, **args)
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("batch_heads", [1, 3, 12, 40, 300])
+@pytest.mark.parametrize("seq", [1, 63, 64, 1000, 32760, 75600])
+def test_statistics_grid_meets_the_kernel_contract(seq: int, batch_heads: int, sms: int) -> None:
+    """csrc/sagesla_stats.cu's launch: every chunk has a tile, the tiles are covered, one wave, a balanced tree."""
+    tiles_per_chunk, chunks, group_size, groups = sagesla_cuda.statistics_grid(seq, batch_heads, sms)
+    n_tiles = math.ceil(seq / sagesla_cuda.STATS_TILE)
+    assert (chunks - 1) * tiles_per_chunk < n_tiles <= chunks * tiles_per_chunk
+    assert chunks * batch_heads <= max(batch_heads, sagesla_cuda.STATS_CTAS_PER_SM * sms)
+    assert (groups - 1) * group_size < chunks <= groups * group_size
+    assert group_size <= math.isqrt(chunks) + 1 and groups <= math.isqrt(chunks) + 1
+
+
+def test_statistics_grid_at_wan_shapes() -> None:
+    """1.3B: 22 chunks of 24 tiles per head in 5 groups; 14B: 6 chunks per head (240 CTAs on 132 SMs, not 280)."""
+    assert sagesla_cuda.statistics_grid(32760, 12, 132) == (24, 22, 5, 5)
+    assert sagesla_cuda.statistics_grid(75600, 40, 132) == (197, 6, 3, 2)
