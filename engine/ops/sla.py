@@ -891,9 +891,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
              permute_v: bool = False) -> _Prepared:
     """Statistics, pooling (+ INT8/FP8 quantization) and the top-k block selection, for both Triton backends.
 
-    Four launches (five with proj_l), no host sync. `extra` holds, all [B·H, ...]: with quantize "q8"
-    [Mq·block_q, D] int8, "q_scale" [Mq·block_q], "k8" [L_pad, D] int8 (smoothed K), "k_scale" [Nk]; with fp8_pv
-    "v8t" [D, L_pad] float8_e4m3fn (V over "v_scale", transposed); and the statistics of `_key_statistics`.
+    Four launches (five with proj_l; three where the CUDA statistics run), no host sync. `extra` holds, all
+    [B·H, ...]: with quantize "q8" [Mq·block_q, D] int8, "q_scale" [Mq·block_q], "k8" [L_pad, D] int8 (smoothed K),
+    "k_scale" [Nk]; with fp8_pv "v8t" [D, L_pad] float8_e4m3fn (V over "v_scale", transposed); and the statistics of
+    `_key_statistics` (or `sagesla_cuda.key_statistics`).
 
     Args:
         linear: compute the linear branch's key-side sums (Σφ(K), φ(K)ᵀV).

@@ -226,6 +226,17 @@ def test_block_topk_breaks_ties_by_lower_block_id() -> None:
     assert torch.equal(lut, expected)
 
 
+def test_key_statistics_transposed_is_the_cuda_kernels_layout() -> None:
+    """The Triton statistics' fallback for the CUDA route stores ((φ(K)ᵀV)·Wᵀ)ᵀ: the same numbers, transposed."""
+    _, k, v = _make_qkv(82, 2, 100, 2, 128)
+    proj_l = _random_proj_l(9, 128)
+    plain = sla._key_statistics(k, v, fp8_pv=True, linear=True, proj_l=proj_l)
+    transposed = sla._key_statistics(k, v, fp8_pv=True, linear=True, proj_l=proj_l, transposed=True)
+    assert "kv_proj" not in transposed and "kv_proj_t" not in plain
+    assert torch.equal(transposed["kv_proj_t"], plain["kv_proj"].transpose(1, 2))
+    assert torch.equal(transposed["kv_proj_scale"], plain["kv_proj_scale"])
+
+
 def test_prepare_rejects_inconsistent_options() -> None:
     q, k, v = _make_qkv(81, 1, 64, 1, 64)
     proj_l = _random_proj_l(8, 64)
