@@ -152,7 +152,8 @@ def run_shape(name: str, shape: tuple[int, int, int, int], fidelity_heads: int) 
         record("sagesla_dense_bf16pv_triton", sagesla(1.0, 64, linear=False, fp8=False), None, exact)
     for topk in (0.1, 0.15):
         # the default on sm90: 128×128 blocks, the CUDA kernel; then TurboDiffusion's sm90 64×128 map on both kernels
-        record("sagesla_fp8pv_cuda_128x128", sagesla(topk, 128), topk, sparse_refs[topk, 128, 128], back_to_back=True)
+        record("sagesla_fp8pv_cuda_128x128", sagesla(topk, 128), topk, sparse_refs[topk, 128, 128],
+               back_to_back=True)
         record("sagesla_fp8pv_cuda_128x128_no_linear", sagesla(topk, 128, linear=False), topk, None,
                back_to_back=True)
         record("sagesla_fp8pv_cuda_64x128", sagesla(topk, 64), topk, sparse_refs[topk, 64, 128])

@@ -3,9 +3,9 @@
 It replaces the attention kernel of the "sagesla" backend and the key statistics of its pre-pass
 (csrc/sagesla_stats.cu: K mean, V scale, and the linear branch's Σφ(K) and ((φ(K)ᵀV)·Wᵀ)ᵀ in one launch); the
 Triton pre-pass in sla.py still computes the INT8 Q and K, the FP8 Vᵀ (with `permute_v`: the token order the
-kernel's FP8 A operand needs) and the block LUT; the kernel adds the linear branch in its epilogue. It runs for head dim 128, query blocks of 64 or
-128, key blocks of 128 and FP8 P·V on a compute-capability-9.0 GPU where nvcc could build it (or a prebuilt cache
-holds it); every other case, and `TDSERVE_CUDA_ATTENTION=0`, takes the Triton kernel.
+kernel's FP8 A operand needs) and the block LUT; the kernel adds the linear branch in its epilogue. It runs for
+head dim 128, query blocks of 64 or 128, key blocks of 128 and FP8 P·V on a compute-capability-9.0 GPU where nvcc
+could build it (or a prebuilt cache holds it); every other case, and `TDSERVE_CUDA_ATTENTION=0`, takes Triton.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def usable(q: torch.Tensor, *, block_q: int, block_k: int, fp8_pv: bool) -> bool
 
 def statistics_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when the CUDA statistics kernel can read k and v ([B, L, H, 128] bf16, 16-byte aligned rows)."""
+    if k.shape[0] * k.shape[2] > 65535:  # B·H is the grid's y dimension
+        return False
     for x in (k, v):
         if not (ENABLED and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] == HEAD_DIM and x.stride(-1) == 1):
             return False
@@ -120,7 +122,8 @@ def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | N
         stats["kv_proj_scale"] = torch.empty(bh, dtype=f32, device=device)
         stats["proj_bias"] = proj_l.bias.detach().float().contiguous()
     status = library.sagesla_key_statistics(
-        k.data_ptr(), v.data_ptr(), *k.stride()[:3], *v.stride()[:3], bh, heads, seq, tiles_per_chunk, chunks, group_size,
+        k.data_ptr(), v.data_ptr(), *k.stride()[:3], *v.stride()[:3], bh, heads, seq, tiles_per_chunk, chunks,
+        group_size,
         partials.data_ptr(), tickets.data_ptr(), weight.data_ptr() if weight is not None else None,
         *(stats[name].data_ptr() if name in stats else None
           for name in ("k_mean", "v_scale", "kz", "kv_proj_t", "kv_proj_scale")),
