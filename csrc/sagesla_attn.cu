@@ -62,31 +62,38 @@ struct Layout {
   static constexpr int kStages = (kShared ? 6 : 3) - (kLinear ? 1 : 0);  // as many as fit in 227 KB
   static constexpr int kQBytes = kBlockQ * kHeadDim;  // int8
   static constexpr int kLinearBytes = kLinear ? kHeadDim * kHeadDim * 2 : 0;  // fp16 ((φ(K)ᵀV)·Wᵀ)ᵀ
-  static constexpr int kPipeBytes = kQBytes + kStages * kStageBytes + kLinearBytes;
+  // a work item's scales, staged with its Q: q_scale per row, v_scale, and with kLinear Σφ(K) and proj_l's bias;
+  // two buffers by item parity, since the epilogue still reads one while the next item's Q arrives
+  static constexpr int kVectorFloats = kBlockQ + (kLinear ? 3 : 1) * kHeadDim;
+  // a multiple of 1024 bytes: the second pipe's tiles must start on a 128-byte-swizzle atom like the first's
+  static constexpr int kPipeBytes = (kQBytes + kStages * kStageBytes + kLinearBytes + 2 * kVectorFloats * 4 + 1023) /
+                                    1024 * 1024;
   static constexpr int kSmemBytes = kPipes * kPipeBytes + 1024 /* alignment */ + 512 /* barriers, stage info */;
+  static_assert(kSmemBytes <= 227 * 1024, "over the H100's shared memory per block");
 };
 
 struct Params {
   int total;  // work items: query blocks over all (b, h), t = bh·Mq + mq
   int heads, seq, n_qblocks, n_kblocks, n_sel, dense;
   const long long* lut;   // [B·H, Mq, n_sel] kept key-block ids (unused when dense)
-  const float* q_scale;   // [B·H, Mq·block_q] per token, 1/sqrt(D)·log2 e folded in
-  const float* k_scale;   // [B·H, Nk]
-  const float* v_scale;   // [B·H, D]
+  const float* q_scale;   // [B·H, Mq·block_q] per token, 1/sqrt(D)·log2 e folded in (16-byte aligned rows,
+  const float* k_scale;   // [B·H, Nk]                                              as v_scale, kz, proj_bias:
+  const float* v_scale;   // [B·H, D]                                               they are bulk-copied)
   __nv_bfloat16* out;     // [B, L, H, D] with element strides below
   long long out_sb, out_sl, out_sh;
-  // linear branch (kLinear): raw q [B, L, H, D] bf16 and strides, Σφ(K) [B·H, D], the absmax that divides the
+  // linear branch (kLinear; the raw q comes through its tensor map): Σφ(K) [B·H, D], the absmax that divides the
   // staged fp16 (φ(K)ᵀV)·Wᵀ [B·H], proj_l's bias [D]
-  const __nv_bfloat16* q;
-  long long q_sb, q_sl, q_sh;
   const float* kz;
   const float* kv_proj_scale;
   const float* proj_bias;
 };
 
-// A Q tile, a K/Vᵀ ring and their barriers; the producer also passes each stage's block id and scale.
+// A Q tile, a K/Vᵀ ring and their barriers; the producer also passes each stage's block id and scale. With the
+// linear branch the ring also carries each item's raw q (bf16, 128-byte swizzled 64-channel halves: exactly one
+// stage for 128 rows), streamed after the item's key blocks so the epilogue reads it from shared memory.
 struct Pipe {
   uint8_t* q;
+  float* vectors;  // [2][kVectorFloats]: q_scale [kBlockQ], v_scale, (kz, proj_bias) [kHeadDim]
   uint8_t* stages;
   uint64_t* q_full;
   uint64_t* q_empty;
@@ -107,6 +114,7 @@ __device__ __forceinline__ Pipe pipe_of(uint8_t* smem, int index) {
   p.q = smem + index * L::kPipeBytes;
   p.stages = p.q + L::kQBytes;
   p.linear = p.stages + L::kStages * kStageBytes;
+  p.vectors = reinterpret_cast<float*>(p.linear + L::kLinearBytes);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kPipes * L::kPipeBytes) + index * kBarriers;
   p.q_full = bars;
   p.q_empty = bars + 1;
@@ -225,8 +233,11 @@ __device__ __forceinline__ void block_step(const Params& p, const Pipe& pipe, in
   if constexpr (kNext) {
     softmax_step<false>(s, pa, q_scale0 * k_scale, q_scale1 * k_scale, kBlockK, m, l, alpha, lane);
   } else {
-    const int valid_keys = pipe.stage_block[stage] == p.n_kblocks - 1 ? tail_keys : kBlockK;
-    softmax_step<true>(s, pa, q_scale0 * k_scale, q_scale1 * k_scale, valid_keys, m, l, alpha, lane);
+    if (pipe.stage_block[stage] == p.n_kblocks - 1 && tail_keys < kBlockK) {
+      softmax_step<true>(s, pa, q_scale0 * k_scale, q_scale1 * k_scale, tail_keys, m, l, alpha, lane);
+    } else {
+      softmax_step<false>(s, pa, q_scale0 * k_scale, q_scale1 * k_scale, kBlockK, m, l, alpha, lane);
+    }
   }
   const int next = (it + 1) % kStages;
   if constexpr (kNext) mbar_wait(&pipe.kv_full[next], ((it + 1) / kStages) & 1);
@@ -262,20 +273,25 @@ __device__ __forceinline__ int item_stride() {
 // φ·X / (φ·z + eps) = e·X / (e·z + eps·Σe).
 template <bool kShared, bool kLinear>
 __device__ __forceinline__ void linear_branch(const Params& p, const Pipe& pipe, float (&acc)[64],
-                                              float (&linear)[2][32], int b, int h, int bh, int first_row, int round,
-                                              int lane) {
+                                              float (&linear)[2][32], const float* vectors, int bh, int row0,
+                                              int round, int it, int lane) {
+  using L = Layout<kShared, kLinear>;
   const int col0 = 2 * (lane % 4);
   uint32_t a[8][4];  // fp16 pairs of exp(q - max): k16 slab j holds columns 16j .. 16j + 15
   float row_sum[2], row_dot[2];
-  const float* kz = p.kz + static_cast<long long>(bh) * kHeadDim;
+  const float* kz = vectors + L::kBlockQ + kHeadDim;
+  const int stage = it % L::kStages;
+  const uint8_t* raw_q = pipe.stages + stage * kStageBytes;  // [half][kBlockQ rows][128 bytes], swizzled
+  mbar_wait(&pipe.kv_full[stage], (it / L::kStages) & 1);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = min(first_row + 8 * r, p.seq - 1);  // padded rows compute a copy, never stored
-    const __nv_bfloat162* src =
-        reinterpret_cast<const __nv_bfloat162*>(p.q + b * p.q_sb + row * p.q_sl + h * p.q_sh + col0);
+    const int row = row0 + 8 * r;  // rows past the sequence are zeros (TMA fill): computed, never stored
     float2 x[16];
 #pragma unroll
-    for (int c = 0; c < 16; ++c) x[c] = __bfloat1622float2(src[4 * c]);
+    for (int c = 0; c < 16; ++c) {  // columns 8c + col0 + {0, 1}: half c / 8, 16-byte chunk c % 8 of the row
+      const int offset = (c / 8) * L::kBlockQ * 128 + row * 128 + (((c % 8) ^ (row % 8)) * 16) + col0 * 2;
+      x[c] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(raw_q + offset));
+    }
     float mx = -INFINITY;
 #pragma unroll
     for (int c = 0; c < 16; ++c) mx = fmaxf(mx, fmaxf(x[c].x, x[c].y));
@@ -294,6 +310,8 @@ __device__ __forceinline__ void linear_branch(const Params& p, const Pipe& pipe,
     row_sum[r] = quad_sum(sum);
     row_dot[r] = quad_sum(dot);
   }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(&pipe.kv_empty[stage]);
   mbar_wait(pipe.linear_full, round & 1);
   wgmma_fence();
 #pragma unroll
@@ -305,12 +323,13 @@ __device__ __forceinline__ void linear_branch(const Params& p, const Pipe& pipe,
   wgmma_wait<0>();
   if (lane == 0) mbar_arrive(pipe.linear_empty);
   const float scale = p.kv_proj_scale[bh];
+  const float* proj_bias = vectors + L::kBlockQ + 2 * kHeadDim;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float row_scale = scale / (row_dot[r] + kLinearEps * row_sum[r]);
+    const float row_scale = __fdividef(scale, row_dot[r] + kLinearEps * row_sum[r]);
 #pragma unroll
     for (int c = 0; c < 16; ++c) {
-      const float2 bias = *reinterpret_cast<const float2*>(p.proj_bias + 8 * c + col0);
+      const float2 bias = *reinterpret_cast<const float2*>(proj_bias + 8 * c + col0);
       linear[r][2 * c] = fmaf(acc[4 * c + 2 * r], row_scale, bias.x);
       linear[r][2 * c + 1] = fmaf(acc[4 * c + 2 * r + 1], row_scale, bias.y);
     }
@@ -332,8 +351,6 @@ __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
   for (int t = first_item<kShared>(pipe_index); t < p.total; t += item_stride<kShared>(), ++round) {
     const int bh = t / p.n_qblocks;
     const int mq = t - bh * p.n_qblocks;
-    const float q_scale0 = p.q_scale[static_cast<long long>(t) * L::kBlockQ + row0];
-    const float q_scale1 = p.q_scale[static_cast<long long>(t) * L::kBlockQ + row0 + 8];
     float o[64], o_block[64];
 #pragma unroll
     for (int j = 0; j < 64; ++j) o[j] = 0.0f;
@@ -342,6 +359,9 @@ __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
     uint32_t pa[16];
 
     mbar_wait(pipe.q_full, round & 1);
+    const float* vectors = pipe.vectors + (round & 1) * L::kVectorFloats;
+    const float q_scale0 = vectors[row0];
+    const float q_scale1 = vectors[row0 + 8];
     mbar_wait(&pipe.kv_full[it % L::kStages], (it / L::kStages) & 1);
     wgmma_fence();
     issue_qk(s, q_addr, smem_addr(pipe.stages + (it % L::kStages) * kStageBytes));
@@ -361,11 +381,12 @@ __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
     const int col0 = 2 * (lane % 4);  // this thread's columns: 8c + col0 + {0, 1}, c = 0..15
     float linear[2][32];  // the linear branch at this thread's outputs
     if constexpr (kLinear) {
-      linear_branch<kShared, kLinear>(p, pipe, o_block, linear, b, h, bh, mq * L::kBlockQ + row0, round, lane);
+      linear_branch<kShared, kLinear>(p, pipe, o_block, linear, vectors, bh, row0, round, it, lane);
+      ++it;  // the raw q stage
     }
     // Every load before the first store: the compiler cannot prove out apart from the inputs, and a load behind
     // a store waits for it (interleaved reads of out once cost 3.3 instead of 0.8 ms at Wan 1.3B).
-    const float* v_scale = p.v_scale + static_cast<long long>(bh) * kHeadDim;
+    const float* v_scale = vectors + L::kBlockQ;
     float2 channel_scale[16];
 #pragma unroll
     for (int c = 0; c < 16; ++c) channel_scale[c] = *reinterpret_cast<const float2*>(v_scale + 8 * c + col0);
@@ -373,7 +394,7 @@ __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = mq * L::kBlockQ + row0 + 8 * r;
-      const float inv_l = 1.0f / quad_sum(l[r]);
+      const float inv_l = __fdividef(1.0f, quad_sum(l[r]));
       if (row >= p.seq) continue;
       __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + row * p.out_sl + col0);  // + 4c: column 8c
 #pragma unroll
@@ -390,7 +411,8 @@ __device__ void consume(const Params& p, const Pipe& pipe, int consumer) {
 // last, so the consumers mask only their final step.
 template <bool kShared, bool kLinear>
 __device__ void produce(const Params& p, const Pipe& pipe, int pipe_index, const CUtensorMap* map_q,
-                        const CUtensorMap* map_k, const CUtensorMap* map_v, const CUtensorMap* map_linear) {
+                        const CUtensorMap* map_k, const CUtensorMap* map_v, const CUtensorMap* map_linear,
+                        const CUtensorMap* map_raw_q) {
   using L = Layout<kShared, kLinear>;
   const int padded_keys = p.n_kblocks * kBlockK;
   const int ragged = p.seq % kBlockK != 0 ? p.n_kblocks - 1 : -1;
@@ -399,10 +421,19 @@ __device__ void produce(const Params& p, const Pipe& pipe, int pipe_index, const
   for (int t = first_item<kShared>(pipe_index); t < p.total; t += item_stride<kShared>(), ++round) {
     const int bh = t / p.n_qblocks;
     mbar_wait(pipe.q_empty, (round & 1) ^ 1);  // a fresh barrier's "previous phase" counts as complete
-    mbar_expect_tx(pipe.q_full, L::kQBytes);
+    mbar_expect_tx(pipe.q_full, L::kQBytes + L::kVectorFloats * 4);
     for (int half = 0; half < L::kBlockQ / kRowsPerConsumer; ++half) {  // the Q map's box is 64 rows
       tma_load_2d(pipe.q + half * kRowsPerConsumer * kHeadDim, map_q, 0, t * L::kBlockQ + half * kRowsPerConsumer,
                   pipe.q_full);
+    }
+    // free: the item two back that used it finished its epilogue before the consumers released the last Q
+    float* vectors = pipe.vectors + (round & 1) * L::kVectorFloats;
+    bulk_load(vectors, p.q_scale + static_cast<long long>(t) * L::kBlockQ, L::kBlockQ * 4, pipe.q_full);
+    bulk_load(vectors + L::kBlockQ, p.v_scale + static_cast<long long>(bh) * kHeadDim, kHeadDim * 4, pipe.q_full);
+    if constexpr (kLinear) {
+      bulk_load(vectors + L::kBlockQ + kHeadDim, p.kz + static_cast<long long>(bh) * kHeadDim, kHeadDim * 4,
+                pipe.q_full);
+      bulk_load(vectors + L::kBlockQ + 2 * kHeadDim, p.proj_bias, kHeadDim * 4, pipe.q_full);
     }
     const auto load = [&](int block) {
       const float k_scale = p.k_scale[static_cast<long long>(bh) * p.n_kblocks + block];
@@ -429,6 +460,19 @@ __device__ void produce(const Params& p, const Pipe& pipe, int pipe_index, const
     }
     if (ragged_kept) load(ragged);
     if constexpr (kLinear) {
+      // the item's raw q (for φ(q)) as one more ring stage: two 64-channel halves of kBlockQ rows
+      const int stage = it % L::kStages;
+      mbar_wait(&pipe.kv_empty[stage], ((it / L::kStages) & 1) ^ 1);
+      mbar_expect_tx(&pipe.kv_full[stage], L::kBlockQ * kHeadDim * 2);
+      uint8_t* dst = pipe.stages + stage * kStageBytes;
+      const int b = bh / p.heads, h = bh - b * p.heads, first_row = (t - bh * p.n_qblocks) * L::kBlockQ;
+      for (int half = 0; half < 2; ++half) {
+        for (int rows = 0; rows < L::kBlockQ; rows += 64) {
+          tma_load_4d(dst + half * L::kBlockQ * 128 + rows * 128, map_raw_q, half * 64, h, first_row + rows, b,
+                      &pipe.kv_full[stage]);
+        }
+      }
+      ++it;
       // after this item's K/Vᵀ: the buffer is free once the previous item's epilogue is done with it
       mbar_wait(pipe.linear_empty, (round & 1) ^ 1);
       mbar_expect_tx(pipe.linear_full, L::kLinearBytes);
@@ -443,7 +487,7 @@ template <bool kShared, bool kLinear>
 __global__ void __launch_bounds__(kThreads, 1)
     sagesla_attention_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                              const __grid_constant__ CUtensorMap map_v, const __grid_constant__ CUtensorMap map_linear,
-                             const Params p) {
+                             const __grid_constant__ CUtensorMap map_raw_q, const Params p) {
   using L = Layout<kShared, kLinear>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -474,8 +518,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         prefetch_tensormap(&map_k);
         prefetch_tensormap(&map_v);
         if (kLinear) prefetch_tensormap(&map_linear);
+        if (kLinear) prefetch_tensormap(&map_raw_q);
       }
-      produce<kShared, kLinear>(p, pipe_of<kShared, kLinear>(smem, warp), warp, &map_q, &map_k, &map_v, &map_linear);
+      produce<kShared, kLinear>(p, pipe_of<kShared, kLinear>(smem, warp), warp, &map_q, &map_k, &map_v, &map_linear,
+                                &map_raw_q);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
@@ -486,7 +532,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <bool kShared, bool kLinear>
 cudaError_t launch(const CUtensorMap& map_q, const CUtensorMap& map_k, const CUtensorMap& map_v,
-                   const CUtensorMap& map_linear, const Params& p, int num_sms, cudaStream_t stream) {
+                   const CUtensorMap& map_linear, const CUtensorMap& map_raw_q, const Params& p, int num_sms,
+                   cudaStream_t stream) {
   using L = Layout<kShared, kLinear>;
   const auto kernel = sagesla_attention_kernel<kShared, kLinear>;
   static bool configured = false;
@@ -496,7 +543,8 @@ cudaError_t launch(const CUtensorMap& map_q, const CUtensorMap& map_k, const CUt
     configured = true;
   }
   const int ctas = (p.total + L::kPipes - 1) / L::kPipes;
-  kernel<<<ctas < num_sms ? ctas : num_sms, kThreads, L::kSmemBytes, stream>>>(map_q, map_k, map_v, map_linear, p);
+  kernel<<<ctas < num_sms ? ctas : num_sms, kThreads, L::kSmemBytes, stream>>>(map_q, map_k, map_v, map_linear,
+                                                                                  map_raw_q, p);
   return cudaGetLastError();
 }
 
@@ -516,27 +564,29 @@ extern "C" int sagesla_attention(const void* q8, const float* q_scale, const voi
   const int n_kblocks = (seq + kBlockK - 1) / kBlockK;
   const long long padded_keys = static_cast<long long>(n_kblocks) * kBlockK;
   const bool linear = kv_proj_t != nullptr;
-  CUtensorMap map_q, map_k, map_v, map_linear{};
+  CUtensorMap map_q, map_k, map_v, map_linear{}, map_raw_q{};
   if (!make_8bit_map(&map_q, q8, static_cast<long long>(batch_heads) * n_qblocks * block_q, kHeadDim, kHeadDim,
                      kHeadDim, kRowsPerConsumer) ||
       !make_8bit_map(&map_k, k8, batch_heads * padded_keys, kHeadDim, kHeadDim, kHeadDim, kBlockK) ||
       !make_8bit_map(&map_v, v8t, static_cast<long long>(batch_heads) * kHeadDim, padded_keys, padded_keys,
                      kBlockK, kHeadDim) ||
       (linear && !make_2d_map(&map_linear, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, kv_proj_t,
-                              static_cast<long long>(batch_heads) * kHeadDim, kHeadDim, kHeadDim * 2, 64, kHeadDim))) {
+                              static_cast<long long>(batch_heads) * kHeadDim, kHeadDim, kHeadDim * 2, 64, kHeadDim)) ||
+      (linear && !make_tokens_map(&map_raw_q, q, batch_heads / heads, seq, heads, kHeadDim, q_sb, q_sl, q_sh, 64,
+                                  64))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const Params p{batch_heads * n_qblocks, heads, seq, n_qblocks, n_kblocks, n_sel, dense,
                  lut, q_scale, k_scale, v_scale, static_cast<__nv_bfloat16*>(out), out_sb, out_sl, out_sh,
-                 static_cast<const __nv_bfloat16*>(q), q_sb, q_sl, q_sh, kz, kv_proj_scale, proj_bias};
+                 kz, kv_proj_scale, proj_bias};
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t status;
   if (block_q == 128) {
-    status = linear ? launch<true, true>(map_q, map_k, map_v, map_linear, p, num_sms, s)
-                    : launch<true, false>(map_q, map_k, map_v, map_linear, p, num_sms, s);
+    status = linear ? launch<true, true>(map_q, map_k, map_v, map_linear, map_raw_q, p, num_sms, s)
+                    : launch<true, false>(map_q, map_k, map_v, map_linear, map_raw_q, p, num_sms, s);
   } else {
-    status = linear ? launch<false, true>(map_q, map_k, map_v, map_linear, p, num_sms, s)
-                    : launch<false, false>(map_q, map_k, map_v, map_linear, p, num_sms, s);
+    status = linear ? launch<false, true>(map_q, map_k, map_v, map_linear, map_raw_q, p, num_sms, s)
+                    : launch<false, false>(map_q, map_k, map_v, map_linear, map_raw_q, p, num_sms, s);
   }
   return static_cast<int>(status);
 }

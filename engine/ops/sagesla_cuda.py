@@ -134,6 +134,11 @@ def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | N
     return stats
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a copy of it where its storage is not 16-byte aligned (the kernel bulk-copies its per-head vectors)."""
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 class LinearBranch(NamedTuple):
     """What the kernel's epilogue needs for proj_l(linear attention), all on the GPU.
 
@@ -170,6 +175,7 @@ def sagesla_attention_cuda(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
                     ("v_scale", v_scale)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    q_scale, v_scale = _aligned(q_scale), _aligned(v_scale)  # bulk-copied per work item
     if not dense and (lut.dtype != torch.int64 or not lut.is_contiguous() or lut.shape[-1] != n_sel):
         raise ValueError(f"lut must be contiguous int64 [B·H, Mq, {n_sel}]")
     if linear is None:
@@ -180,9 +186,12 @@ def sagesla_attention_cuda(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
         kv_proj_t = linear.kv_proj_t
         if kv_proj_t.dtype != torch.float16 or not kv_proj_t.is_contiguous():
             raise ValueError("linear.kv_proj_t must be contiguous fp16 [B·H, D, D]")
-        kz, scale, bias = (t.float().contiguous() for t in (linear.kz, linear.kv_proj_scale, linear.bias))
-        linear_args = (kv_proj_t.data_ptr(), linear.q.data_ptr(), *linear.q.stride()[:3], kz.data_ptr(),
-                       scale.data_ptr(), bias.data_ptr())
+        kz, scale, bias = (_aligned(t.float().contiguous()) for t in (linear.kz, linear.kv_proj_scale, linear.bias))
+        q = linear.q
+        if q.data_ptr() % 16 or any(stride % 8 for stride in q.stride()[:3]):
+            q = q.clone(memory_format=torch.contiguous_format)  # the kernel streams q with TMA: 16-byte aligned rows
+        linear_args = (kv_proj_t.data_ptr(), q.data_ptr(), *q.stride()[:3], kz.data_ptr(), scale.data_ptr(),
+                       bias.data_ptr())
     status = library.sagesla_attention(
         q8.data_ptr(), q_scale.data_ptr(), k8.data_ptr(), k_scale.data_ptr(), v8t.data_ptr(), v_scale.data_ptr(),
         lut.data_ptr(), batch * heads, heads, seq, block_q, n_sel, int(dense),

@@ -106,6 +106,7 @@ def _relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
     (2, 4000, 3, 5),    # ragged: L % 128 = 32, L % 64 = 32; 378 query blocks: several rounds per consumer
     (1, 4000, 3, 1),    # one kept block: Q is released right after the first Q·Kᵀ
     (1, 2000, 2, None),  # dense: the blocks in order, the ragged one last
+    (1, 4096, 2, 7),    # no ragged block: the last step of every item runs unmasked
     (1, 32760, 12, 25),  # Wan 1.3B-480P at topk 0.1
 ])
 def test_matches_fp32_reference_of_the_quantized_inputs(batch: int, seq: int, heads: int, n_sel: int | None,
@@ -120,15 +121,21 @@ def test_matches_fp32_reference_of_the_quantized_inputs(batch: int, seq: int, he
     assert cos >= 0.9995 and rel <= 0.03  # FP8 rounding of P alone gives rel-L1 0.023 at B2 L4000
 
 
+@pytest.mark.parametrize("q_layout", ["fused_qkv", "unaligned_rows"])
 @pytest.mark.parametrize("block_q", [64, 128])
-def test_linear_branch_in_the_epilogue_and_output_strides(block_q: int) -> None:
+def test_linear_branch_in_the_epilogue_and_output_strides(block_q: int, q_layout: str) -> None:
     batch, seq, heads, dim = 2, 1000, 2, 128
     x = _inputs(7, batch, seq, heads, 3, block_q)
     gen = torch.Generator(device="cuda").manual_seed(8)
     # the linear branch's own raw q, k, v (the kernel takes them apart from the quantized inputs), as strided
-    # [B, L, H, D] views like the model's fused qkv layout
+    # [B, L, H, D] views like the model's fused qkv layout, or with a token stride TMA cannot stream (4 elements
+    # past a multiple of 8: the wrapper copies q)
     qkv = torch.randn(batch, seq, 3, heads, dim, generator=gen, device="cuda").bfloat16()
     q, k, v = qkv.unbind(2)
+    if q_layout == "unaligned_rows":
+        wide = torch.randn(batch, seq, heads * dim + 4, generator=gen, device="cuda").bfloat16()
+        q = wide[..., :heads * dim].unflatten(-1, (heads, dim))
+        assert q.stride(1) % 8 == 4
     weight = torch.randn(dim, dim, generator=gen, device="cuda") * 0.5 / math.sqrt(dim)
     bias = torch.randn(dim, generator=gen, device="cuda") * 0.1
     phi_q, phi_k = (torch.softmax(t.float(), dim=-1).transpose(1, 2).reshape(batch * heads, seq, dim) for t in (q, k))
@@ -145,10 +152,17 @@ def test_linear_branch_in_the_epilogue_and_output_strides(block_q: int) -> None:
         x["q8"], x["q_scale"], x["k8"], x["k_scale"], x["v8t"], x["v_scale"], x["lut"], block_q=block_q,
         n_sel=x["n_sel"], dense=x["dense"], out=out, linear=branch).float()
     linear = (phi_q @ kv_proj) / (phi_q @ kz[:, :, None] + 1e-5) + bias  # [B·H, L, D] fp32
-    ref = _reference(x) + linear.view(batch, heads, seq, dim).transpose(1, 2)
+    linear = linear.view(batch, heads, seq, dim).transpose(1, 2)
+    ref = _reference(x) + linear
     assert torch.isfinite(got).all()
     assert _cosine(got, ref) >= 0.9995 and _relative_l1(got, ref) <= 0.03
     assert storage[:, :, :heads].isnan().all() and storage[:, :, 2 * heads:].isnan().all()
+    # the branch alone, which is small beside the softmax part: the kernel's output minus its own output without
+    # the branch (the softmax part is deterministic), within the bf16 rounding of the two outputs
+    plain = sagesla_cuda.sagesla_attention_cuda(
+        x["q8"], x["q_scale"], x["k8"], x["k_scale"], x["v8t"], x["v_scale"], x["lut"], block_q=block_q,
+        n_sel=x["n_sel"], dense=x["dense"], out=torch.empty_like(out)).float()
+    assert _cosine(got - plain, linear) >= 0.999
 
 
 @pytest.mark.parametrize("block_q", [64, 128])
