@@ -7,7 +7,8 @@
 // s = S·scale_q·scale_k in log2 units, base-2 online softmax with P shifted into [0, 448], then P·V from a fresh
 // fp32 accumulator added into the output (SageAttention2's two-level accumulation). The linear branch,
 // proj_l(φ(Q)(φ(K)ᵀV)/(φ(Q)·Σφ(K) + eps)), is added in the epilogue from the raw q and the pre-pass's
-// (φ(K)ᵀV)·Wᵀ, one more wgmma per query block.
+// (φ(K)ᵀV)·Wᵀ, one more wgmma per query block; the raw q comes through the K/Vᵀ ring as one more stage and the
+// per-row / per-head scales with Q (bulk copies), so the epilogue waits on no global load.
 //
 // Why CUDA: a plain Triton kernel ties cuDNN (docs/notes/attention.md) because each warpgroup waits for its
 // Q·Kᵀ, then runs the softmax while the tensor cores idle, then waits for its P·V. Here
@@ -17,7 +18,8 @@
 //    both read one K/Vᵀ stream (64 rows each), which halves the L2 traffic that bounds the 64-row layout;
 //  - within a consumer, Q·Kᵀ of the next block is issued before waiting for P·V of this one, so the output update
 //    overlaps a matrix product (FlashAttention-3's intra-warpgroup pipelining). Its inter-warpgroup ping-pong
-//    (named barriers passing the turn to issue) measured slower here and was dropped.
+//    (named barriers passing the turn to issue) measured slower with 64-row blocks and no faster with 128-row
+//    ones, and was dropped (docs/notes/attention.md, sessions 4 and 6).
 // P goes from the accumulator registers straight into the FP8 wgmma's A registers. The two layouts order a
 // thread's keys differently inside each 32-key slab; instead of shuffling P, the pre-pass stores Vᵀ's tokens in
 // the A layout's order (sla.py `PERMUTE_V`): key 16h + 8u + 2q + v sits at column 16h + 4q + 2u + v.
