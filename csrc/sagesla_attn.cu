@@ -78,9 +78,10 @@ struct Params {
   int total;  // work items: query blocks over all (b, h), t = bh·Mq + mq
   int heads, seq, n_qblocks, n_kblocks, n_sel, dense;
   const long long* lut;   // [B·H, Mq, n_sel] kept key-block ids (unused when dense)
-  const float* q_scale;   // [B·H, Mq·block_q] per token, 1/sqrt(D)·log2 e folded in (16-byte aligned rows,
-  const float* k_scale;   // [B·H, Nk]                                              as v_scale, kz, proj_bias:
-  const float* v_scale;   // [B·H, D]                                               they are bulk-copied)
+  // q_scale, v_scale, kz and proj_bias are bulk-copied per work item: 16-byte aligned, as are their rows
+  const float* q_scale;   // [B·H, Mq·block_q] per token, 1/sqrt(D)·log2 e folded in
+  const float* k_scale;   // [B·H, Nk]
+  const float* v_scale;   // [B·H, D]
   __nv_bfloat16* out;     // [B, L, H, D] with element strides below
   long long out_sb, out_sl, out_sh;
   // linear branch (kLinear; the raw q comes through its tensor map): Σφ(K) [B·H, D], the absmax that divides the
