@@ -169,19 +169,26 @@ inline EncodeTiled encode_tiled() {
   return fn;
 }
 
+// A rank-`rank` tensor map (dims innermost first, strides in bytes for dims 1..rank-1) with 128-byte swizzle and
+// unit element strides: what every map of these kernels is.
+inline bool make_swizzled_map(CUtensorMap* map, CUtensorMapDataType type, int rank, const void* ptr,
+                              const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  return encode(map, type, rank, const_cast<void*>(ptr), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // A row-major [rows, cols] matrix (row stride `ld` bytes) as box_cols × box_rows boxes with 128-byte swizzle
 // (box_cols · element size = 128 bytes: one swizzle row, the wgmma K-major layout).
 inline bool make_2d_map(CUtensorMap* map, CUtensorMapDataType type, const void* ptr, long long rows, long long cols,
                         long long ld, int box_cols, int box_rows) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld)};  // bytes, for dimension 1
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld)};
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  return encode(map, type, 2, const_cast<void*>(ptr), dims, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return make_swizzled_map(map, type, 2, ptr, dims, strides, box);
 }
 
 // A bf16 [batch, seq, heads, dim] tensor (element strides sb, sl, sh; dim contiguous) as boxes of box_cols
@@ -189,17 +196,12 @@ inline bool make_2d_map(CUtensorMap* map, CUtensorMapDataType type, const void* 
 // {channel, head, token, batch}. Strides must be multiples of 8 elements and the base 16-byte aligned.
 inline bool make_tokens_map(CUtensorMap* map, const void* ptr, long long batch, long long seq, long long heads,
                             long long dim, long long sb, long long sl, long long sh, int box_cols, int box_rows) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return false;
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(heads),
                               static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(sh * 2), static_cast<cuuint64_t>(sl * 2),
                                  static_cast<cuuint64_t>(sb * 2)};
   const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_cols), 1, static_cast<cuuint32_t>(box_rows), 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(ptr), dims, strides, box,
-                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return make_swizzled_map(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, ptr, dims, strides, box);
 }
 
 inline bool make_8bit_map(CUtensorMap* map, const void* ptr, long long rows, long long cols, long long ld,

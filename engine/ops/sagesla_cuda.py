@@ -186,7 +186,8 @@ def sagesla_attention_cuda(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
         kv_proj_t = linear.kv_proj_t
         if kv_proj_t.dtype != torch.float16 or not kv_proj_t.is_contiguous():
             raise ValueError("linear.kv_proj_t must be contiguous fp16 [B·H, D, D]")
-        kz, scale, bias = (_aligned(t.float().contiguous()) for t in (linear.kz, linear.kv_proj_scale, linear.bias))
+        kz, bias = (_aligned(t.float().contiguous()) for t in (linear.kz, linear.bias))  # bulk-copied, as q_scale
+        scale = linear.kv_proj_scale.float().contiguous()
         q = linear.q
         if q.data_ptr() % 16 or any(stride % 8 for stride in q.stride()[:3]):
             q = q.clone(memory_format=torch.contiguous_format)  # the kernel streams q with TMA: 16-byte aligned rows
