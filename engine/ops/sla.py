@@ -459,15 +459,17 @@ def _block_topk_kernel(
     row_valid = rows < N_QBLOCKS
     col_valid = cols < N_KBLOCKS
     q_base = QPool + (pid_bh * N_QBLOCKS + rows)[:, None] * HEAD_DIM
-    k_base = KPool + (pid_bh * N_KBLOCKS + cols)[None, :] * HEAD_DIM
+    k_base = KPool + (pid_bh * N_KBLOCKS + cols)[:, None] * HEAD_DIM
     score = tl.zeros([ROWS, NK_PAD], dtype=tl.float32)
     for d0 in range(0, HEAD_DIM, D_CHUNK):
         offs_d = d0 + tl.arange(0, D_CHUNK)
         q = tl.load(q_base + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-        k_t = tl.load(k_base + offs_d[:, None], mask=col_valid[None, :], other=0.0)  # [D_CHUNK, NK_PAD]
+        # loaded as stored ([NK_PAD, D_CHUNK], channels contiguous) and transposed for the product: a [D_CHUNK,
+        # NK_PAD] load put consecutive lanes a whole pooled row apart (at Wan 14B most of this kernel's time)
+        k = tl.load(k_base + offs_d[None, :], mask=col_valid[:, None], other=0.0)
         # three TF32 products (big·big + big·small + small·big) keep about fp32 accuracy, so the ranking agrees
         # with the fp32 reference; plain TF32 (10-bit mantissa) would reorder close scores
-        score = tl.dot(q, k_t, score, input_precision="tf32x3")
+        score = tl.dot(q, tl.trans(k), score, input_precision="tf32x3")
     bits = score.to(tl.uint32, bitcast=True)
     # unsigned order = float order: flip every bit of a negative float, only the sign bit of the others
     key = bits ^ tl.where((bits >> 31) == 1, 0xFFFFFFFF, 0x80000000)
