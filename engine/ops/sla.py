@@ -445,12 +445,13 @@ def _block_topk_kernel(
     N_QBLOCKS, N_KBLOCKS, N_SEL,
     # meta-parameters: ROWS query blocks per program, NK_PAD = Nk rounded up to a power of two
     ROWS: tl.constexpr, NK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
+    TWO_BITS: tl.constexpr,
 ):
     """The N_SEL best key blocks of ROWS query blocks by score = pooled q · pooled kᵀ, in ascending block order.
 
-    An exact selection without a sort: the scores become unsigned integers of the same order, 32 bisection steps
-    over their bits find each row's N_SEL-th largest (radix select, one compare and count per step), and a prefix
-    sum gives each kept block its LUT slot. Equal scores at the threshold go to the lower block ids.
+    An exact selection without a sort: the scores become unsigned integers of the same order, a radix select over
+    their bits finds each row's N_SEL-th largest (32 steps of one compare and count, or with TWO_BITS 16 steps of
+    three), and a prefix sum gives each kept block its LUT slot. Equal scores at the threshold go to the lower block ids.
     """
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -465,7 +466,7 @@ def _block_topk_kernel(
         offs_d = d0 + tl.arange(0, D_CHUNK)
         q = tl.load(q_base + offs_d[None, :], mask=row_valid[:, None], other=0.0)
         # loaded as stored ([NK_PAD, D_CHUNK], channels contiguous) and transposed for the product: a [D_CHUNK,
-        # NK_PAD] load put consecutive lanes a whole pooled row apart (at Wan 14B most of this kernel's time)
+        # NK_PAD] load puts consecutive lanes a whole pooled row apart
         k = tl.load(k_base + offs_d[None, :], mask=col_valid[:, None], other=0.0)
         # three TF32 products (big·big + big·small + small·big) keep about fp32 accuracy, so the ranking agrees
         # with the fp32 reference; plain TF32 (10-bit mantissa) would reorder close scores
@@ -474,11 +475,25 @@ def _block_topk_kernel(
     # unsigned order = float order: flip every bit of a negative float, only the sign bit of the others
     key = bits ^ tl.where((bits >> 31) == 1, 0xFFFFFFFF, 0x80000000)
     key = tl.where(col_valid[None, :], key, 0)  # padded key blocks sort below every real score
-    threshold = tl.zeros([ROWS], dtype=tl.uint32)  # built from the top bit: the largest t with N_SEL keys ≥ t
-    for i in tl.static_range(32):
-        candidate = threshold | (1 << (31 - i))
-        n_at_least = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
-        threshold = tl.where(n_at_least >= N_SEL, candidate, threshold)
+    threshold = tl.zeros([ROWS], dtype=tl.uint32)  # built from the top bits: the largest t with N_SEL keys ≥ t
+    if TWO_BITS:
+        # two bits per step (half the serial steps): the counts of keys ≥ each of the three candidates share one
+        # sum, in 10-bit fields (the caller guarantees fewer than 1024 key blocks)
+        for i in tl.static_range(16):
+            c1 = threshold | (1 << (30 - 2 * i))
+            c2 = threshold | (2 << (30 - 2 * i))
+            c3 = threshold | (3 << (30 - 2 * i))
+            packed = ((key >= c1[:, None]).to(tl.int32) + ((key >= c2[:, None]).to(tl.int32) << 10)
+                      + ((key >= c3[:, None]).to(tl.int32) << 20))
+            counts = tl.sum(packed, axis=1)
+            digit = ((counts & 0x3FF) >= N_SEL).to(tl.uint32) + (((counts >> 10) & 0x3FF) >= N_SEL).to(tl.uint32)
+            digit += ((counts >> 20) >= N_SEL).to(tl.uint32)
+            threshold = threshold | (digit << (30 - 2 * i))
+    else:
+        for i in tl.static_range(32):
+            candidate = threshold | (1 << (31 - i))
+            n_at_least = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
+            threshold = tl.where(n_at_least >= N_SEL, candidate, threshold)
     above = key > threshold[:, None]
     tied = (key == threshold[:, None]) & col_valid[None, :]
     ties_kept = N_SEL - tl.sum(above.to(tl.int32), axis=1)
@@ -879,7 +894,8 @@ def _block_topk(q_pool: torch.Tensor, k_pool: torch.Tensor, n_sel: int) -> torch
     lut = _empty((bh, n_qblocks, n_sel), torch.int64, q_pool.device)
     _block_topk_kernel[(triton.cdiv(n_qblocks, rows), bh)](
         q_pool, k_pool, lut, n_qblocks, n_kblocks, n_sel,
-        ROWS=rows, NK_PAD=nk_pad, HEAD_DIM=dim, D_CHUNK=d_chunk, num_warps=warps, num_stages=2,
+        ROWS=rows, NK_PAD=nk_pad, HEAD_DIM=dim, D_CHUNK=d_chunk, TWO_BITS=n_kblocks < 1024, num_warps=warps,
+        num_stages=2,
     )
     return lut
 
