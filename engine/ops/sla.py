@@ -797,10 +797,14 @@ _STATS_TILE = 128  # tokens per step of the statistics pass (64 measured 7 % slo
 _FINISH_ROWS = 16
 _FINISH_CHUNK_STEP = 8
 _PREPARE_WARPS = 8
-# block top-k: fp32 scores held per program, and per warp (32 a thread); the pooled-k chunk of a pipeline
-# stage holds as many (32 KB, at least 16 channels): not measured
-_TOPK_SCORES_PER_PROGRAM = 8192
+# block top-k (docs/results/topk-session7.json: profiler device time on an H200; every variant gives the same LUT):
+# fp32 scores per program (16 query rows at Wan 1.3B: 23.6 µs, 32 rows 29.2) and per warp (32 a thread); pooled-k
+# elements per pipeline stage (at least 16 channels); the two-bit select from 512 key blocks on (measured at Wan
+# 14B's 591: 600 µs against 704 for the one-bit kernel; at Wan 1.3B's 256 it was slower, 25.4 against 23.6)
+_TOPK_SCORES_PER_PROGRAM = 4096
 _TOPK_SCORES_PER_WARP = 1024
+_TOPK_CHUNK_ELEMENTS = 8192
+_TOPK_TWO_BITS_FROM = 512
 
 
 def _n_chunks(n_tiles: int, batch_heads: int, device: torch.device) -> int:
@@ -889,13 +893,13 @@ def _block_topk(q_pool: torch.Tensor, k_pool: torch.Tensor, n_sel: int) -> torch
     n_kblocks = k_pool.shape[1]
     nk_pad = max(16, triton.next_power_of_2(n_kblocks))  # tl.dot needs every dim ≥ 16
     rows = max(16, min(64, _TOPK_SCORES_PER_PROGRAM // nk_pad))
-    d_chunk = min(dim, max(16, _TOPK_SCORES_PER_PROGRAM // nk_pad))
+    d_chunk = min(dim, max(16, _TOPK_CHUNK_ELEMENTS // nk_pad))
     warps = max(4, min(16, rows * nk_pad // _TOPK_SCORES_PER_WARP))
     lut = _empty((bh, n_qblocks, n_sel), torch.int64, q_pool.device)
     _block_topk_kernel[(triton.cdiv(n_qblocks, rows), bh)](
         q_pool, k_pool, lut, n_qblocks, n_kblocks, n_sel,
-        ROWS=rows, NK_PAD=nk_pad, HEAD_DIM=dim, D_CHUNK=d_chunk, TWO_BITS=n_kblocks < 1024, num_warps=warps,
-        num_stages=2,
+        ROWS=rows, NK_PAD=nk_pad, HEAD_DIM=dim, D_CHUNK=d_chunk,
+        TWO_BITS=_TOPK_TWO_BITS_FROM <= n_kblocks < 1024, num_warps=warps, num_stages=2,
     )
     return lut
 
