@@ -449,9 +449,10 @@ def _block_topk_kernel(
 ):
     """The N_SEL best key blocks of ROWS query blocks by score = pooled q · pooled kᵀ, in ascending block order.
 
-    An exact selection without a sort: the scores become unsigned integers of the same order, a radix select over
-    their bits finds each row's N_SEL-th largest (32 steps of one compare and count, or with TWO_BITS 16 steps of
-    three), and a prefix sum gives each kept block its LUT slot. Equal scores at the threshold go to the lower block ids.
+    An exact selection without a sort: the scores become unsigned integers of the same order, a radix select
+    over their bits finds each row's N_SEL-th largest (32 steps of one compare and count, or with TWO_BITS 16
+    steps of three), and a prefix sum gives each kept block its LUT slot. Equal scores at the threshold go to
+    the lower block ids.
     """
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -465,8 +466,8 @@ def _block_topk_kernel(
     for d0 in range(0, HEAD_DIM, D_CHUNK):
         offs_d = d0 + tl.arange(0, D_CHUNK)
         q = tl.load(q_base + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-        # loaded as stored ([NK_PAD, D_CHUNK], channels contiguous) and transposed for the product: a [D_CHUNK,
-        # NK_PAD] load puts consecutive lanes a whole pooled row apart
+        # loaded as stored ([NK_PAD, D_CHUNK], channels contiguous) and transposed for the product: a
+        # [D_CHUNK, NK_PAD] load puts consecutive lanes a whole pooled row apart
         k = tl.load(k_base + offs_d[None, :], mask=col_valid[:, None], other=0.0)
         # three TF32 products (big·big + big·small + small·big) keep about fp32 accuracy, so the ranking agrees
         # with the fp32 reference; plain TF32 (10-bit mantissa) would reorder close scores
@@ -475,10 +476,10 @@ def _block_topk_kernel(
     # unsigned order = float order: flip every bit of a negative float, only the sign bit of the others
     key = bits ^ tl.where((bits >> 31) == 1, 0xFFFFFFFF, 0x80000000)
     key = tl.where(col_valid[None, :], key, 0)  # padded key blocks sort below every real score
-    threshold = tl.zeros([ROWS], dtype=tl.uint32)  # built from the top bits: the largest t with N_SEL keys ≥ t
+    threshold = tl.zeros([ROWS], dtype=tl.uint32)  # from the top bits: the largest t with N_SEL keys ≥ t
     if TWO_BITS:
-        # two bits per step (half the serial steps): the counts of keys ≥ each of the three candidates share one
-        # sum, in 10-bit fields (the caller guarantees fewer than 1024 key blocks)
+        # two bits per step (half the serial steps): the counts of keys ≥ each of the three candidates share
+        # one sum, in 10-bit fields (the caller guarantees fewer than 1024 key blocks)
         for i in tl.static_range(16):
             c1 = threshold | (1 << (30 - 2 * i))
             c2 = threshold | (2 << (30 - 2 * i))
@@ -486,7 +487,8 @@ def _block_topk_kernel(
             packed = ((key >= c1[:, None]).to(tl.int32) + ((key >= c2[:, None]).to(tl.int32) << 10)
                       + ((key >= c3[:, None]).to(tl.int32) << 20))
             counts = tl.sum(packed, axis=1)
-            digit = ((counts & 0x3FF) >= N_SEL).to(tl.uint32) + (((counts >> 10) & 0x3FF) >= N_SEL).to(tl.uint32)
+            digit = ((counts & 0x3FF) >= N_SEL).to(tl.uint32)
+            digit += (((counts >> 10) & 0x3FF) >= N_SEL).to(tl.uint32)
             digit += ((counts >> 20) >= N_SEL).to(tl.uint32)
             threshold = threshold | (digit << (30 - 2 * i))
     else:
@@ -797,10 +799,10 @@ _STATS_TILE = 128  # tokens per step of the statistics pass (64 measured 7 % slo
 _FINISH_ROWS = 16
 _FINISH_CHUNK_STEP = 8
 _PREPARE_WARPS = 8
-# block top-k (docs/results/topk-session7.json: profiler device time on an H200; every variant gives the same LUT):
-# fp32 scores per program (16 query rows at Wan 1.3B: 23.6 µs, 32 rows 29.2) and per warp (32 a thread); pooled-k
-# elements per pipeline stage (at least 16 channels); the two-bit select from 512 key blocks on (measured at Wan
-# 14B's 591: 600 µs against 704 for the one-bit kernel; at Wan 1.3B's 256 it was slower, 25.4 against 23.6)
+# block top-k (docs/results/topk-session7.json, profiler device time on an H200; every variant, the same LUT):
+# fp32 scores per program (16 query rows at Wan 1.3B: 23.6 µs, 32 rows: 29.2) and per warp (32 a thread);
+# pooled-k elements per pipeline stage (at least 16 channels); the two-bit select from 512 key blocks on
+# (Wan 14B, 591 blocks: 600 µs against 704 with one bit; at Wan 1.3B's 256 it was slower: 25.4 against 23.6)
 _TOPK_SCORES_PER_PROGRAM = 4096
 _TOPK_SCORES_PER_WARP = 1024
 _TOPK_CHUNK_ELEMENTS = 8192

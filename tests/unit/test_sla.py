@@ -203,7 +203,8 @@ def test_prepare_permute_v_permutes_tokens_in_groups_of_32(seed: int, batch: int
 
 
 # 600, 1023: the two-bit select (1023: the largest count its 10-bit fields hold); 1100: one bit again
-@pytest.mark.parametrize("n_kblocks,n_sel", [(7, 2), (16, 5), (37, 4), (300, 30), (600, 60), (1023, 1000), (1100, 110)])
+@pytest.mark.parametrize("n_kblocks,n_sel",
+                         [(7, 2), (16, 5), (37, 4), (300, 30), (600, 60), (1023, 1000), (1100, 110)])
 def test_block_topk_selects_torch_topk_in_ascending_order(n_kblocks: int, n_sel: int) -> None:
     gen = torch.Generator().manual_seed(n_kblocks)
     q_pool = torch.randn(3, 21, 64, generator=gen).to(DEVICE)
