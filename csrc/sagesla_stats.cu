@@ -1,4 +1,4 @@
-// SageSLA's key-side statistics for sm_90 in one launch (the pre-pass of csrc/sagesla_attn.cu): the K mean (the
+// SageSLA's key-side statistics for sm_90 (the pre-pass of csrc/sagesla_attn.cu): the K mean (the
 // smoothing vector), V's per-channel absmax / 448 (the FP8 scale) and, for the linear branch, Σφ(K) and
 // ((φ(K)ᵀV)·Wᵀ)ᵀ in fp16 over its absmax, the layout the attention epilogue stages. φ = softmax over the head dim.
 //
@@ -7,10 +7,14 @@
 // turns each K tile into φ(K) in place (a warp per token: max and sum by shuffles) and accumulates φ(K)ᵀV with
 // mma.sync m16n8k16 (bf16 in, fp32 out); ldmatrix.trans takes both operands from the natural [token, channel]
 // tiles. The Triton version of this pass spent its time in layout shuffles through shared memory at one CTA per
-// SM (255 registers). Partials go to a workspace and are summed in a two-level tree of atomic tickets: the last
-// CTA of each group of chunks sums the group's partials, the last group to finish sums the group sums, folds
-// proj_l's W in fp32 and normalizes (with one CTA summing all ~22 partials of a Wan 1.3B head the tail took 90 µs,
-// with the tree 46). The sums run in a fixed order, so the result is deterministic.
+// SM (255 registers). Partials go to a workspace. Two more launches reduce them, each in a fixed order, so the
+// result is deterministic:
+//  - vector_sums_kernel (a CTA per (b, h)): the K mean, V's scale and Σφ(K), which the pooling pass needs next;
+//  - kv_reduce_kernel (a CTA per group of chunks and (b, h)), on a second stream that only the attention kernel
+//    waits for: each CTA sums its group's φ(K)ᵀV partials; the last to finish (an atomic ticket) sums the group
+//    sums, folds proj_l's W in fp32 and normalizes. As the statistics kernel's tail this serial work cost 46 µs at
+//    Wan 1.3B (90 with one CTA summing all ~22 partials of a head); beside the pooling pass it runs in 34 µs
+//    while the call's path loses it (docs/notes/attention.md, session 8).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,7 +51,7 @@ struct Params {
   long long k_sb, k_sl, k_sh, v_sb, v_sl, v_sh;  // strides in elements (batch, token, head)
   int seq, heads, tiles_per_chunk, chunks, group_size, groups;
   float* partials;     // [B·H, chunks + groups, kPartFloats]: the chunks' partials, then the groups' sums
-  unsigned* tickets;   // [B·H, groups + 1], zero before the launch
+  unsigned* tickets;   // [B·H]: groups summed, zero before kv_reduce_kernel
   const float* proj_weight;  // W [D_out, D_in] fp32 (kLinear)
   float* k_mean;             // [B·H, D]
   float* v_scale;            // [B·H, D]
@@ -118,7 +122,6 @@ __device__ __forceinline__ void load_tile(const Params& p, uint8_t* stage, int b
   }
 }
 
-// The last CTA of a (b, h): sum the partials in chunk order and write the outputs.
 // Sum `count` consecutive partials at src into dst (max for max|v|): 8 float4 per thread over two partials per
 // step, 16 loads in flight per thread (the time of these sums is the kernel's tail).
 __device__ void sum_partials(const float* src, int count, float* dst, int tid) {
@@ -159,22 +162,8 @@ __device__ void sum_partials(const float* src, int count, float* dst, int tid) {
   }
 }
 
-// The last CTA of a (b, h): sum the `count` group sums at parts in order and write the outputs.
-template <bool kLinear>
-__device__ void finish(const Params& p, uint8_t* smem, int bh, int tid, const float* parts, int count) {
-  if (tid < kHeadDim) {
-    float k_sum = 0.0f, v_max = 0.0f, kz = 0.0f;
-    for (int c = 0; c < count; ++c) {
-      const float* part = parts + static_cast<long long>(c) * kPartFloats + kHeadDim * kHeadDim;
-      k_sum += __ldcg(part + tid);
-      v_max = fmaxf(v_max, __ldcg(part + kHeadDim + tid));
-      kz += __ldcg(part + 2 * kHeadDim + tid);
-    }
-    p.k_mean[bh * kHeadDim + tid] = k_sum / p.seq;
-    p.v_scale[bh * kHeadDim + tid] = v_max / kFp8Max;
-    if (kLinear) p.kz[bh * kHeadDim + tid] = kz;
-  }
-  if (!kLinear) return;
+// The last CTA of a (b, h) in kv_reduce_kernel: sum the `count` group sums at parts in order, fold W, normalize.
+__device__ void fold(const Params& p, uint8_t* smem, int bh, int tid, const float* parts, int count) {
   // ((φ(K)ᵀV)·Wᵀ)ᵀ[o][i] = Σ_j W[o][j] (φ(K)ᵀV)[i][j] in plain fp32 FMAs from shared memory, one half of the
   // columns i per pass: Wᵀ (staged once) and that half of φ(K)ᵀV fit the ring's shared memory together. Loading W
   // from global memory inside the loop put an L2 round trip on every step (the fold was most of the kernel's tail).
@@ -395,40 +384,74 @@ __global__ void __launch_bounds__(kThreads, 2) key_statistics_kernel(const Param
     part[kHeadDim * kHeadDim + kHeadDim + tid] = vm;
     part[kHeadDim * kHeadDim + 2 * kHeadDim + tid] = zs;
   }
+}
 
-  // the last CTA of each group of chunks sums the group (classic threadfence reduction), the last group the rest
-  __shared__ bool last;
-  const int group = chunk / p.group_size;
-  const int in_group = min(p.group_size, p.chunks - group * p.group_size);
-  unsigned* tickets = p.tickets + bh * (p.groups + 1);
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) last = atomicAdd(tickets + group, 1u) == static_cast<unsigned>(in_group - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+// K mean, V scale and Σφ(K) of a (b, h): its chunks' partial vectors summed in chunk order. 128 threads.
+template <bool kLinear>
+__global__ void __launch_bounds__(kHeadDim) vector_sums_kernel(const Params p) {
+  const int bh = blockIdx.x, d = threadIdx.x;
+  const float* part = p.partials + static_cast<long long>(bh) * (p.chunks + p.groups) * kPartFloats +
+                      kHeadDim * kHeadDim + d;
+  float k_sum = 0.0f, v_max = 0.0f, kz = 0.0f;
+#pragma unroll 4
+  for (int c = 0; c < p.chunks; ++c, part += kPartFloats) {
+    k_sum += __ldcg(part);
+    v_max = fmaxf(v_max, __ldcg(part + kHeadDim));
+    if (kLinear) kz += __ldcg(part + 2 * kHeadDim);
+  }
+  p.k_mean[bh * kHeadDim + d] = k_sum / p.seq;
+  p.v_scale[bh * kHeadDim + d] = v_max / kFp8Max;
+  if (kLinear) p.kz[bh * kHeadDim + d] = kz;
+}
+
+// ((φ(K)ᵀV)·Wᵀ)ᵀ of a (b, h) from its chunks' partials: grid (groups, B·H). Each CTA sums its group of chunks;
+// the last to finish (classic threadfence reduction) sums the group sums and folds W.
+__global__ void __launch_bounds__(kThreads, 1) kv_reduce_kernel(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, group = blockIdx.x, bh = blockIdx.y;
+  float* parts = p.partials + static_cast<long long>(bh) * (p.chunks + p.groups) * kPartFloats;
   float* group_sums = parts + static_cast<long long>(p.chunks) * kPartFloats;
+  const int in_group = min(p.group_size, p.chunks - group * p.group_size);
   sum_partials(parts + static_cast<long long>(group) * p.group_size * kPartFloats, in_group,
                group_sums + static_cast<long long>(group) * kPartFloats, tid);
+  __shared__ bool last;
   __threadfence();
   __syncthreads();
-  if (tid == 0) last = atomicAdd(tickets + p.groups, 1u) == static_cast<unsigned>(p.groups - 1);
+  if (tid == 0) last = atomicAdd(p.tickets + bh, 1u) == static_cast<unsigned>(p.groups - 1);
   __syncthreads();
   if (!last) return;
   __threadfence();
-  finish<kLinear>(p, smem, bh, tid, group_sums, p.groups);
+  fold(p, smem, bh, tid, group_sums, p.groups);
 }
 
 template <bool kLinear>
-cudaError_t launch(const Params& p, int batch_heads, cudaStream_t stream) {
+cudaError_t launch(const Params& p, int batch_heads, cudaStream_t stream, cudaStream_t reduce_stream) {
   const auto kernel = key_statistics_kernel<kLinear>;
   static bool configured = false;
   if (!configured) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (err != cudaSuccess) return err;
+    for (const void* f : {reinterpret_cast<const void*>(kernel), reinterpret_cast<const void*>(kv_reduce_kernel)}) {
+      const cudaError_t err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      if (err != cudaSuccess) return err;
+    }
     configured = true;
   }
   kernel<<<dim3(p.chunks, batch_heads), kThreads, kSmemBytes, stream>>>(p);
+  if (kLinear) {
+    if (reduce_stream != stream) {  // fork: the reduction starts when the partials are written
+      static cudaEvent_t partials_written[64] = {};  // per device: an event belongs to one
+      int device = 0;
+      cudaError_t err = cudaGetDevice(&device);
+      if (err == cudaSuccess && device >= 64) err = cudaErrorInvalidDevice;
+      if (err == cudaSuccess && partials_written[device] == nullptr) {
+        err = cudaEventCreateWithFlags(&partials_written[device], cudaEventDisableTiming);
+      }
+      if (err == cudaSuccess) err = cudaEventRecord(partials_written[device], stream);
+      if (err == cudaSuccess) err = cudaStreamWaitEvent(reduce_stream, partials_written[device], 0);
+      if (err != cudaSuccess) return err;
+    }
+    kv_reduce_kernel<<<dim3(p.groups, batch_heads), kThreads, kSmemBytes, reduce_stream>>>(p);
+  }
+  vector_sums_kernel<kLinear><<<batch_heads, kHeadDim, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -436,14 +459,16 @@ cudaError_t launch(const Params& p, int batch_heads, cudaStream_t stream) {
 
 // k, v: bf16 [B, L, H, 128], head dim contiguous, 16-byte aligned rows. chunks · tiles_per_chunk covers the
 // ceil(L / 64) tiles and every chunk has at least one; the chunks are summed in groups of group_size.
-// partials: fp32 [B·H, chunks + ceil(chunks / group_size), D² + 3·D] scratch; tickets: uint32
-// [B·H, ceil(chunks / group_size) + 1], zero on entry. proj_weight non-null: the linear branch's kz, kv_proj_t and
-// kv_proj_scale are written too. Returns a cudaError_t code.
+// partials: fp32 [B·H, chunks + ceil(chunks / group_size), D² + 3·D] scratch; tickets: uint32 [B·H], zero on
+// entry. k_mean and v_scale are written on `stream`. proj_weight
+// non-null: the linear branch's kz too, and kv_proj_t and kv_proj_scale on `reduce_stream` (which may be `stream`),
+// after the statistics kernel: the caller joins that stream before reading them. Returns a cudaError_t code.
 extern "C" int sagesla_key_statistics(const void* k, const void* v, long long k_sb, long long k_sl, long long k_sh,
                                       long long v_sb, long long v_sl, long long v_sh, int batch_heads, int heads,
                                       int seq, int tiles_per_chunk, int chunks, int group_size, float* partials,
                                       unsigned* tickets, const float* proj_weight, float* k_mean, float* v_scale,
-                                      float* kz, void* kv_proj_t, float* kv_proj_scale, void* stream) {
+                                      float* kz, void* kv_proj_t, float* kv_proj_scale, void* stream,
+                                      void* reduce_stream) {
   const int n_tiles = (seq + kTile - 1) / kTile;
   if (seq <= 0 || chunks <= 0 || tiles_per_chunk <= 0 || (chunks - 1) * tiles_per_chunk >= n_tiles ||
       chunks * tiles_per_chunk < n_tiles || group_size <= 0) {
@@ -453,6 +478,7 @@ extern "C" int sagesla_key_statistics(const void* k, const void* v, long long k_
                  v_sb, v_sl, v_sh, seq, heads, tiles_per_chunk, chunks, group_size,
                  (chunks + group_size - 1) / group_size, partials, tickets, proj_weight, k_mean, v_scale, kz,
                  static_cast<__half*>(kv_proj_t), kv_proj_scale};
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return static_cast<int>(proj_weight != nullptr ? launch<true>(p, batch_heads, s) : launch<false>(p, batch_heads, s));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream), r = static_cast<cudaStream_t>(reduce_stream);
+  return static_cast<int>(proj_weight != nullptr ? launch<true>(p, batch_heads, s, r)
+                                                 : launch<false>(p, batch_heads, s, r));
 }

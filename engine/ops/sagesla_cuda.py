@@ -1,7 +1,8 @@
 """The CUDA C++ SageSLA attention kernel for Hopper (csrc/sagesla_attn.cu), built on demand, called through ctypes.
 
 It replaces the attention kernel of the "sagesla" backend and the key statistics of its pre-pass
-(csrc/sagesla_stats.cu: K mean, V scale, and the linear branch's Σφ(K) and ((φ(K)ᵀV)·Wᵀ)ᵀ in one launch); the
+(csrc/sagesla_stats.cu: K mean, V scale, and the linear branch's Σφ(K) and ((φ(K)ᵀV)·Wᵀ)ᵀ; the last reduced on a
+second stream beside the pooling pass, joined by the attention call); the
 Triton pre-pass in sla.py still computes the INT8 Q and K, the FP8 Vᵀ (with `permute_v`: the token order the
 kernel's FP8 A operand needs) and the block LUT; the kernel adds the linear branch in its epilogue. It runs for
 head dim 128, query blocks of 64 or 128, key blocks of 128 and FP8 P·V on a compute-capability-9.0 GPU where nvcc
@@ -60,8 +61,15 @@ def _stats_library() -> ctypes.CDLL | None:
         i32, i32, i32, i32, i32, i32,  # batch·heads, heads, seq, tiles per chunk, chunks, chunks per group
         ptr, ptr, ptr,  # partials, tickets, proj_l weight
         ptr, ptr, ptr, ptr, ptr,  # k_mean, v_scale, kz, kv_proj_t, kv_proj_scale
-        ptr,  # stream
+        ptr, ptr,  # stream, the stream of the φ(K)ᵀV reduction
     ])
+
+
+@functools.cache
+def _reduce_stream(device_index: int) -> torch.cuda.Stream:
+    """The stream the φ(K)ᵀV reduction runs on, one per device: only the attention epilogue needs its result, so it
+    runs beside the pooling pass and the top-k instead of before them (46 µs of a Wan 1.3B call)."""
+    return torch.cuda.Stream(device=device_index)
 
 
 def usable(q: torch.Tensor, *, block_q: int, block_k: int, fp8_pv: bool) -> bool:
@@ -97,12 +105,15 @@ def statistics_grid(seq: int, batch_heads: int, sms: int) -> tuple[int, int, int
     return tiles_per_chunk, chunks, group_size, -(-chunks // group_size)
 
 
-def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
-    """What sla.py's `_key_statistics` computes for the CUDA route, in one launch; callers check `statistics_usable`.
+def key_statistics(k: torch.Tensor, v: torch.Tensor,
+                   proj_l: torch.nn.Linear | None) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """What sla.py's `_key_statistics` computes for the CUDA route; callers check `statistics_usable`.
 
-    Returns, all [B·H, ...] fp32 unless said otherwise: "k_mean" [D], "v_scale" = max|v| / 448 [D]; with proj_l also
-    "kz" = Σφ(K) [D], "kv_proj_t" = ((φ(K)ᵀV)·Wᵀ)ᵀ in fp16 over "kv_proj_scale" (its absmax, [B·H]) and
-    "proj_bias" [D]: what `LinearBranch` takes.
+    Returns the statistics, all [B·H, ...] fp32 unless said otherwise: "k_mean" [D], "v_scale" = max|v| / 448 [D];
+    with proj_l also "kz" = Σφ(K) [D], "kv_proj_t" = ((φ(K)ᵀV)·Wᵀ)ᵀ in fp16 over "kv_proj_scale" (its absmax,
+    [B·H]) and "proj_bias" [D]: what `LinearBranch` takes. With proj_l, "kv_proj_t" and "kv_proj_scale" are
+    written on a second stream: the returned event marks them ready (None without proj_l), and a reader's stream
+    must wait for it (`LinearBranch.ready` does).
     """
     library = _stats_library()
     if library is None:
@@ -111,7 +122,7 @@ def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | N
     bh, device, f32 = batch * heads, k.device, torch.float32
     tiles_per_chunk, chunks, group_size, groups = statistics_grid(seq, bh, cuda_build.sm_count(device.index or 0))
     partials = torch.empty((bh, chunks + groups, dim * dim + 3 * dim), dtype=f32, device=device)
-    tickets = torch.zeros((bh, groups + 1), dtype=torch.int32, device=device)
+    tickets = torch.zeros(bh, dtype=torch.int32, device=device)
     stats = {"k_mean": torch.empty((bh, dim), dtype=f32, device=device),
              "v_scale": torch.empty((bh, dim), dtype=f32, device=device)}
     weight = None
@@ -121,17 +132,26 @@ def key_statistics(k: torch.Tensor, v: torch.Tensor, proj_l: torch.nn.Linear | N
         stats["kv_proj_t"] = torch.empty((bh, dim, dim), dtype=torch.float16, device=device)
         stats["kv_proj_scale"] = torch.empty(bh, dtype=f32, device=device)
         stats["proj_bias"] = proj_l.bias.detach().float().contiguous()
+    stream = torch.cuda.current_stream(device)
+    reduce_stream = _reduce_stream(device.index or 0) if weight is not None else stream
     status = library.sagesla_key_statistics(
         k.data_ptr(), v.data_ptr(), *k.stride()[:3], *v.stride()[:3], bh, heads, seq, tiles_per_chunk, chunks,
         group_size,
         partials.data_ptr(), tickets.data_ptr(), weight.data_ptr() if weight is not None else None,
         *(stats[name].data_ptr() if name in stats else None
           for name in ("k_mean", "v_scale", "kz", "kv_proj_t", "kv_proj_scale")),
-        torch.cuda.current_stream(device).cuda_stream,
+        stream.cuda_stream, reduce_stream.cuda_stream,
     )
     if status != 0:
         raise RuntimeError(f"sagesla_key_statistics failed: CUDA error {status}")
-    return stats
+    if weight is None:
+        return stats, None
+    # the reduction reads and writes these on its stream: the allocator must not hand them out before it is done
+    for t in (partials, tickets, weight, stats["kv_proj_t"], stats["kv_proj_scale"]):
+        t.record_stream(reduce_stream)
+    ready = torch.cuda.Event()
+    ready.record(reduce_stream)
+    return stats, ready
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +165,7 @@ class LinearBranch(NamedTuple):
     q: the raw queries [B, L, H, D] bf16 (head dim contiguous); kv_proj_t: ((φ(K)ᵀV)·Wᵀ)ᵀ in fp16 over its absmax
     [B·H, D_out, D_in], contiguous (the pre-pass's "kv_proj_t": output channels as rows, the K-major B operand of
     the epilogue's product); kv_proj_scale: that absmax [B·H]; kz: Σφ(K) [B·H, D]; bias: proj_l's
-    bias [D] fp32.
+    bias [D] fp32; ready: an event to wait for before reading kv_proj_t and kv_proj_scale (`key_statistics`).
     """
 
     q: torch.Tensor
@@ -153,6 +173,7 @@ class LinearBranch(NamedTuple):
     kv_proj_scale: torch.Tensor
     kz: torch.Tensor
     bias: torch.Tensor
+    ready: torch.cuda.Event | None = None
 
 
 def sagesla_attention_cuda(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
@@ -181,6 +202,8 @@ def sagesla_attention_cuda(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
     if linear is None:
         linear_args = (None, None, 0, 0, 0, None, None, None)
     else:
+        if linear.ready is not None:  # before anything touches kv_proj_t or kv_proj_scale
+            torch.cuda.current_stream(out.device).wait_event(linear.ready)
         if linear.q.shape != out.shape or linear.q.dtype != torch.bfloat16 or linear.q.stride(-1) != 1:
             raise ValueError("linear.q must be bf16 [B, L, H, D] with a contiguous head dim")
         kv_proj_t = linear.kv_proj_t

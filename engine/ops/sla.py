@@ -818,13 +818,15 @@ def _n_chunks(n_tiles: int, batch_heads: int, device: torch.device) -> int:
 class _Prepared:
     """What the block-selection pass produces for one call (all [B·H, ...], b·h = b·H + h)."""
 
-    def __init__(self, lut: torch.Tensor, n_sel: int, dense: bool, k_mean: torch.Tensor, **extra: torch.Tensor):
+    def __init__(self, lut: torch.Tensor, n_sel: int, dense: bool, k_mean: torch.Tensor,
+                 linear_ready: torch.cuda.Event | None = None, **extra: torch.Tensor):
         # [B·H, Mq, n_sel] int64 key-block ids, ascending in each row, so a ragged last block comes last
         # (contiguous unless dense)
         self.lut = lut
         self.n_sel = n_sel
         self.dense = dense  # every block kept: the kernels walk the blocks in order, the LUT is unused
         self.k_mean = k_mean  # [B·H, D]
+        self.linear_ready = linear_ready  # marks "kv_proj_t" ready where the CUDA statistics wrote it on a 2nd stream
         self.extra = extra
 
 
@@ -911,7 +913,8 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
              permute_v: bool = False) -> _Prepared:
     """Statistics, pooling (+ INT8/FP8 quantization) and the top-k block selection, for both Triton backends.
 
-    Four launches (five with proj_l; three where the CUDA statistics run), no host sync. `extra` holds, all
+    Four launches (five with proj_l), no host sync; where the CUDA statistics run, four, and with proj_l one more
+    on a second stream, which `linear_ready` marks done (the attention kernel waits for it). `extra` holds, all
     [B·H, ...]: with quantize "q8" [Mq·block_q, D] int8, "q_scale" [Mq·block_q], "k8" [L_pad, D] int8 (smoothed K),
     "k_scale" [Nk]; with fp8_pv "v8t" [D, L_pad] float8_e4m3fn (V over "v_scale", transposed); and the statistics of
     `_key_statistics` (or `sagesla_cuda.key_statistics`).
@@ -938,8 +941,9 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
     n_qblocks, n_kblocks = triton.cdiv(seq, block_q), triton.cdiv(seq, block_k)
     padded_keys = n_kblocks * block_k
 
+    linear_ready = None
     if permute_v and linear == (proj_l is not None) and sagesla_cuda.statistics_usable(k, v):
-        extra = sagesla_cuda.key_statistics(k, v, proj_l)  # one launch instead of three
+        extra, linear_ready = sagesla_cuda.key_statistics(k, v, proj_l)
     else:
         extra = _key_statistics(k, v, fp8_pv=fp8_pv, linear=linear, proj_l=proj_l, transposed=permute_v)
     k_mean = extra.pop("k_mean")
@@ -967,7 +971,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, 
         lut = torch.arange(n_kblocks, device=device).expand(bh, n_qblocks, n_kblocks)
     else:
         lut = _block_topk(q_pool, k_pool, n_sel)
-    return _Prepared(lut, n_sel, dense, k_mean, **extra)
+    return _Prepared(lut, n_sel, dense, k_mean, linear_ready, **extra)
 
 
 def sparse_block_map(q: torch.Tensor, k: torch.Tensor, *, topk: float, block_q: int, block_k: int) -> torch.Tensor:
@@ -1005,7 +1009,7 @@ def _sagesla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk:
                             linear=linear, proj_l=proj_l, permute_v=True)
         extra = prepared.extra
         branch = sagesla_cuda.LinearBranch(q, extra["kv_proj_t"], extra["kv_proj_scale"], extra["kz"],
-                                           extra["proj_bias"]) if linear else None
+                                           extra["proj_bias"], prepared.linear_ready) if linear else None
         return sagesla_cuda.sagesla_attention_cuda(
             extra["q8"], extra["q_scale"], extra["k8"], extra["k_scale"], extra["v8t"], extra["v_scale"],
             prepared.lut, block_q=block_q, n_sel=prepared.n_sel, dense=prepared.dense, out=out, linear=branch)
