@@ -460,9 +460,9 @@ cudaError_t launch(const Params& p, int batch_heads, cudaStream_t stream, cudaSt
 // k, v: bf16 [B, L, H, 128], head dim contiguous, 16-byte aligned rows. chunks · tiles_per_chunk covers the
 // ceil(L / 64) tiles and every chunk has at least one; the chunks are summed in groups of group_size.
 // partials: fp32 [B·H, chunks + ceil(chunks / group_size), D² + 3·D] scratch; tickets: uint32 [B·H], zero on
-// entry. k_mean and v_scale are written on `stream`. proj_weight
-// non-null: the linear branch's kz too, and kv_proj_t and kv_proj_scale on `reduce_stream` (which may be `stream`),
-// after the statistics kernel: the caller joins that stream before reading them. Returns a cudaError_t code.
+// entry. k_mean and v_scale are written on `stream`; with proj_weight non-null also kz, and kv_proj_t and
+// kv_proj_scale on `reduce_stream` (which may be `stream`) once the statistics kernel is done: the caller joins
+// that stream before reading them. Returns a cudaError_t code.
 extern "C" int sagesla_key_statistics(const void* k, const void* v, long long k_sb, long long k_sl, long long k_sh,
                                       long long v_sb, long long v_sl, long long v_sh, int batch_heads, int heads,
                                       int seq, int tiles_per_chunk, int chunks, int group_size, float* partials,
