@@ -168,7 +168,7 @@ def run_shape(name: str, shape: tuple[int, int, int, int], fidelity_heads: int) 
         record("sla_fwd_64x128", lambda topk=topk: sla.sparse_linear_attention(
             q, k, v, topk=topk, block_q=64, block_k=128, proj_l=proj_l, backend="sla"), topk, sparse_refs[topk, 64, 128])
         # the pre-pass alone as the CUDA path runs it: statistics (with proj_l folded in), pooling, quantization
-        # (+ permuted FP8 Vᵀ), top-k
+        # (+ permuted FP8 Vᵀ), top-k; the φ(K)ᵀV reduction runs on a second stream, outside this time
         record("prepass_cuda_path_128x128", lambda topk=topk: sla._prepare(
             q, k, v, topk=topk, block_q=128, block_k=128, quantize=True, fp8_pv=True, linear=True, proj_l=proj_l,
             permute_v=True).lut, topk, None)
