@@ -13,7 +13,7 @@
 //  - kv_reduce_kernel (a CTA per group of chunks and (b, h)), on a second stream that only the attention kernel
 //    waits for: each CTA sums its group's φ(K)ᵀV partials; the last to finish (an atomic ticket) sums the group
 //    sums, folds proj_l's W in fp32 and normalizes. As the statistics kernel's tail this serial work cost 46 µs at
-//    Wan 1.3B (90 with one CTA summing all ~22 partials of a head); beside the pooling pass it runs in 34 µs
+//    Wan 1.3B (90 with one CTA summing all ~22 partials of a head); beside the pooling pass it runs in 34 µs (H200)
 //    while the call's path loses it (docs/notes/attention.md, session 8).
 
 #include <cuda_bf16.h>
@@ -123,7 +123,8 @@ __device__ __forceinline__ void load_tile(const Params& p, uint8_t* stage, int b
 }
 
 // Sum `count` consecutive partials at src into dst (max for max|v|): 8 float4 per thread over two partials per
-// step, 16 loads in flight per thread (the time of these sums is the kernel's tail).
+// step, 16 loads in flight per thread. kv_reduce_kernel reads only the φ(K)ᵀV part of the result; the three
+// vectors ride along (0.6 % of the bytes) as they did when this sum ended the statistics kernel.
 __device__ void sum_partials(const float* src, int count, float* dst, int tid) {
   constexpr int kFloat4s = kPartFloats / 4, kPerThread = 8;
   constexpr int kMaxFirst = (kHeadDim * kHeadDim + kHeadDim) / 4, kMaxEnd = kMaxFirst + kHeadDim / 4;
