@@ -171,9 +171,10 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
             out["leak_holders"] = _holders_of_largest_cuda_tensor()
     quant = "w8a8" if args.quant else None
     pipe = Pipeline.load(name, random_weights=True, device=args.device,
-                         attention="sagesla" if args.device == "cuda" else "sdpa", topk=args.topk, quant=quant)
+                         attention="sagesla" if args.device == "cuda" else "sdpa", topk=args.topk, quant=quant,
+                         gemm=args.gemm if quant else "int8")
     _run(pipe, GenerationRequest(**base, steps=1), stream_mp4=True)  # warm-up: Triton autotune, cuDNN
-    turbo: dict[str, object] = {"quant": quant, "topk": args.topk}
+    turbo: dict[str, object] = {"quant": quant, "gemm": pipe.gemm, "topk": args.topk}
     pipe.text_encoder.clear_cache()
     for steps in args.steps:
         turbo[f"steps_{steps}"] = _run(pipe, GenerationRequest(**base, steps=steps), stream_mp4=True)
@@ -208,6 +209,7 @@ def main() -> None:
     parser.add_argument("--original-steps", type=int, default=2)
     parser.add_argument("--topk", type=float, default=0.1)
     parser.add_argument("--no-quant", dest="quant", action="store_false")
+    parser.add_argument("--gemm", default="int8", choices=["int8", "fp8"], help="turbo's W8A8 GEMM")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda", help="cpu only to check the script itself, never for timing")
     args = parser.parse_args()

@@ -26,8 +26,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.ops import fp8_cublas, w8a8_cuda
 from engine.ops import int8_linear as w8a8
-from engine.ops import w8a8_cuda
 from engine.ops.norms import layer_norm_modulate
 
 # (M, K, N): 1.3B-480P (32760 tokens) and 14B-720P (75600 tokens), the issue's list.
@@ -121,6 +121,24 @@ def bench_shape(m: int, k: int, n: int) -> dict[str, object]:
     row["fp8_ms"] = bench_ms(lambda: w8a8.fp8_linear(x, fq, fs))
     row["fp8_err"] = rel_error(w8a8.fp8_linear(x, fq, fs), ref)
 
+    # cuBLAS block-scaled FP8 (engine/ops/fp8_cublas.py): 1×128 activation groups, the same e4m3 weight, K padded.
+    row["cublas_fp8"] = fp8_cublas.usable(x, k, n)
+    if row["cublas_fp8"]:
+        wp, wsp = fp8_cublas.pad_weight(fq, fs)
+        xg, xgs = fp8_cublas.quantize_groups(x, padded_cols=wp.shape[1])
+
+        def cublas_fp8_linear() -> torch.Tensor:
+            return fp8_cublas.block_fp8_mm(*fp8_cublas.quantize_groups(x, padded_cols=wp.shape[1]), wp, wsp, None,
+                                           torch.bfloat16)
+
+        row["cublas_fp8_quant_ms"] = bench_ms(lambda: fp8_cublas.quantize_groups(x, padded_cols=wp.shape[1]))
+        row["cublas_fp8_gemm_ms"] = bench_ms(lambda: fp8_cublas.block_fp8_mm(xg, xgs, wp, wsp, None, torch.bfloat16))
+        row["cublas_fp8_ms"] = bench_ms(cublas_fp8_linear)
+        row["cublas_fp8_err"] = rel_error(cublas_fp8_linear(), ref)
+        for key in ("cublas_fp8_gemm", "cublas_fp8"):
+            row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
+        row["cublas_fp8_speedup"] = row["bf16_ms"] / row["cublas_fp8_ms"]
+
     # The CUDA C++ kernel (csrc/w8a8_gemm.cu): INT8 in both variants, FP8 (ping-pong) alone and with its quantizer.
     w8a8_cuda.ENABLED = True
     row["cuda"] = w8a8_cuda.usable(xq, wq, None, y)
@@ -173,8 +191,13 @@ def bench_ffn(m: int, d: int, f: int) -> dict[str, object]:
         w8a8_cuda.ENABLED = True
         row["cuda_fused_ms"] = bench_ms(lambda: ffn(x))  # the Triton kernel where the CUDA one cannot run
         w8a8_cuda.ENABLED = ENABLED_BY_USER
+        for layer in (ffn[0], ffn[2]):
+            layer.use_fp8()  # cuBLAS FP8 where it runs (GELU + group quantizer in one pass), else Triton FP8
+        row["fp8_cublas"] = ffn[0].runs_cublas_fp8(x)
+        row["fp8_ms"] = bench_ms(lambda: ffn(x))
+        row["fp8_err"] = rel_error(ffn(x), ref)
     flops = 4.0 * m * d * f
-    for key in ("bf16", "int8_steps", "int8_fused", "cuda_fused"):
+    for key in ("bf16", "int8_steps", "int8_fused", "cuda_fused", "fp8"):
         row[f"{key}_tops"] = flops / row[f"{key}_ms"] / 1e9
     return row
 
@@ -230,6 +253,11 @@ def main() -> None:
               f"({r['int8_speedup']:.2f}×) | {cuda} | {r['fp8_gemm_tops']:.0f} | {r['fp8_tops']:.0f} "
               f"({r['fp8_speedup']:.2f}×) | {r['bf16_err']:.1e} / {r['int8_err']:.1e} / {r['fp8_err']:.1e} |")
     for r in rows:
+        if r["cublas_fp8"]:
+            print(f"cuBLAS FP8 {r['M']},{r['K']},{r['N']}: GEMM {r['cublas_fp8_gemm_tops']:.0f} TOPS, +quant "
+                  f"{r['cublas_fp8_tops']:.0f} ({r['cublas_fp8_speedup']:.2f}× bf16; quant "
+                  f"{r['cublas_fp8_quant_ms']:.3f} ms), err {r['cublas_fp8_err']:.1e}")
+    for r in rows:
         if r["cuda"]:
             print(f"CUDA FP8 {r['M']},{r['K']},{r['N']}: GEMM {r['cuda_fp8_tops']:.0f} TOPS, +quant "
                   f"{r['cuda_fp8_linear_tops']:.0f} ({r['cuda_fp8_speedup']:.2f}× bf16), err {r['cuda_fp8_err']:.1e}")
@@ -240,7 +268,9 @@ def main() -> None:
         print(f"FFN M={r['M']} {r['D']}→{r['F']}→{r['D']}: bf16 {r['bf16_ms']:.2f} ms ({r['bf16_tops']:.0f}) | "
               f"W8A8 three steps {r['int8_steps_ms']:.2f} ms ({r['int8_steps_tops']:.0f}) | W8A8 fused "
               f"{r['int8_fused_ms']:.2f} ms ({r['int8_fused_tops']:.0f}, ×{r['bf16_ms'] / r['int8_fused_ms']:.2f}) | "
-              f"CUDA fused {r['cuda_fused_ms']:.2f} ms ({r['cuda_fused_tops']:.0f}) | "
+              f"CUDA fused {r['cuda_fused_ms']:.2f} ms ({r['cuda_fused_tops']:.0f}) | FP8 "
+              f"{'cuBLAS' if r['fp8_cublas'] else 'Triton'} {r['fp8_ms']:.2f} ms ({r['fp8_tops']:.0f}, "
+              f"×{r['bf16_ms'] / r['fp8_ms']:.2f}, err {r['fp8_err']:.1e}) | "
               f"err bf16 {r['bf16_err']:.1e} fused {r['int8_fused_err']:.1e} | {r['gelu_quant_config']}")
     sass = sass_summary()
     (args.out / "linear_sass.txt").write_text("\n".join(sass))

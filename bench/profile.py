@@ -122,16 +122,17 @@ def main() -> None:
     parser.add_argument("--parts", default="dit,vae")
     parser.add_argument("--attention", default="sagesla")
     parser.add_argument("--quant", default="w8a8")
+    parser.add_argument("--gemm", default="int8", choices=["int8", "fp8"], help="the W8A8 GEMM")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     spec = from_name(args.model)
     width, height = spec.resolution(args.size, "16:9")
     pipe = Pipeline.load(args.model, random_weights=True, device="cuda", attention=args.attention,
-                         quant=None if args.quant == "none" else args.quant)
+                         quant=None if args.quant == "none" else args.quant, gemm=args.gemm)
     results: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                   "model": args.model, "width": width, "height": height, "frames": args.frames,
-                                  "attention": args.attention, "quant": args.quant}
+                                  "attention": args.attention, "quant": args.quant, "gemm": args.gemm}
     parts = args.parts.split(",")
     if "dit" in parts:
         results["dit"] = profile_dit(pipe, width, height, args.frames, args.repeats)

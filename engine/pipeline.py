@@ -30,7 +30,7 @@ from engine.models.dit import WanModel
 from engine.models.t5 import TextEncoder
 from engine.models.vae import WanVAE
 from engine.ops.attention import BACKENDS, DEFAULT_TOPK
-from engine.ops.int8_linear import Int8Linear
+from engine.ops.int8_linear import GEMMS, Int8Linear
 from engine.quantize import W8A8QuantHandler, is_quantized_state_dict, quantize_state_dict
 from engine.sampling import (
     SamplingCanceled,
@@ -123,7 +123,9 @@ class Pipeline:
         self.attention = attention
         self.topk = topk
         self.offload_idle_expert = offload_idle_expert
-        self.quant = "w8a8" if any(isinstance(m, Int8Linear) for m in experts[0].modules()) else None
+        linears = [m for m in experts[0].modules() if isinstance(m, Int8Linear)]
+        self.quant = "w8a8" if linears else None
+        self.gemm = linears[0].gemm if linears else None  # "int8" | "fp8" for W8A8 linears
 
     # -----------------------------------------------------------------------------------------------------
     # Construction
@@ -132,7 +134,7 @@ class Pipeline:
     @classmethod
     def load(cls, model: str, checkpoint_dir: str | Path | None = None, *, device: str | None = None,
              attention: str | None = None, topk: float | None = None, quant: str | None = "auto",
-             offload_idle_expert: bool = False, random_weights: bool = False,
+             gemm: str = "int8", offload_idle_expert: bool = False, random_weights: bool = False,
              dtype: torch.dtype | None = None) -> Pipeline:
         """Build the models of `model` on `device`, weights from `checkpoint_dir`.
 
@@ -142,6 +144,9 @@ class Pipeline:
             attention: self-attention backend; default "sagesla" on CUDA, "sdpa" on the CPU.
             quant: "w8a8" (W8A8 INT8 block linears; float checkpoints are quantized at load), None (float
                 linears), or "auto": "w8a8" exactly when the checkpoint is a `-quant` file.
+            gemm: the W8A8 linears' GEMM: "int8" (TurboDiffusion's numerics, Triton) or "fp8" (the INT8 weights
+                requantized to e4m3 at load, cuBLAS's block-scaled FP8 GEMM on sm90; faster, coarser:
+                docs/notes/linear.md).
             offload_idle_expert: keep only the active A14B expert on the GPU, the other parked on the CPU.
             dtype: matmul dtype; default bf16 on CUDA, fp32 on CPU.
         """
@@ -155,6 +160,8 @@ class Pipeline:
             raise ValueError(f"attention {attention!r} is not one of {BACKENDS}")
         if quant not in (None, "w8a8", "auto"):
             raise ValueError(f"quant {quant!r} is not one of None, 'w8a8', 'auto'")
+        if gemm not in GEMMS:
+            raise ValueError(f"gemm {gemm!r} is not one of {GEMMS}")
         n_experts = len(spec.experts) or 1
         if checkpoint_dir is None:
             if not (spec.is_tiny or random_weights):
@@ -167,6 +174,8 @@ class Pipeline:
                                                             quant)
         for expert in experts:  # fused Triton norms on the GPU (TurboDiffusion's default); plain modules on CPU
             expert.use_fused_norms(dev.type == "cuda")
+            if gemm == "fp8":
+                _use_fp8_gemm(expert)
         if offload_idle_expert and n_experts > 1:
             experts[1].to("cpu")
         return cls(spec, text_encoder, experts, vae, dev, attention=attention, topk=topk,
@@ -391,6 +400,14 @@ class Pipeline:
 # ---------------------------------------------------------------------------------------------------------
 # Model construction helpers
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _use_fp8_gemm(model: WanModel) -> None:
+    layers = [module for module in model.modules() if isinstance(module, Int8Linear)]
+    if not layers:
+        raise ValueError("gemm='fp8' runs the W8A8 linears: load with quant='w8a8' or a -quant checkpoint")
+    for layer in layers:
+        layer.use_fp8()
 
 
 def _random_models(spec: ModelSpec, n_experts: int, device: torch.device, dtype: torch.dtype,

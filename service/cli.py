@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda when available)")
     generate.add_argument("--quant", choices=["auto", "w8a8", "none"], default="auto",
                           help="W8A8 linears: auto = exactly when the checkpoint is a -quant file")
+    generate.add_argument("--gemm", choices=["int8", "fp8"], default="int8",
+                          help="the W8A8 GEMM: int8 (TurboDiffusion's numerics) or fp8 (cuBLAS, sm90; faster)")
     generate.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     generate.set_defaults(func=cmd_generate)
 
@@ -167,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipeline = Pipeline.load(
         args.model, args.checkpoint_dir, device=args.device, attention=args.attention, topk=args.topk,
-        quant=None if args.quant == "none" else args.quant,
+        quant=None if args.quant == "none" else args.quant, gemm=args.gemm,
     )
     load_s = time.perf_counter() - start
     image = Image.open(args.image).convert("RGB") if args.image else None

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     device: str | None = None  # None → cuda when available, else cpu
     attention: Literal["sdpa", "sla", "sagesla"] | None = None
     topk: float | None = Field(default=None, gt=0, le=1)
-    quant: Literal["w8a8"] | None = None
+    # "auto": W8A8 exactly when the checkpoint is a -quant file; "w8a8" quantizes float checkpoints at load
+    quant: Literal["auto", "w8a8", "none"] = "auto"
+    gemm: Literal["int8", "fp8"] = "int8"  # the W8A8 GEMM (engine.pipeline.Pipeline.load)
     offload_idle_expert: bool = False
     torch_threads: int | None = Field(default=None, ge=1)
     worker_heartbeat_s: float = Field(default=2.0, gt=0)

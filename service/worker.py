@@ -351,7 +351,8 @@ def serve(settings: Settings, model: str, *, name: str | None = None) -> int:
                 device=settings.device,
                 attention=settings.attention,
                 topk=settings.topk,
-                quant=settings.quant,
+                quant=None if settings.quant == "none" else settings.quant,
+                gemm=settings.gemm,
                 offload_idle_expert=settings.offload_idle_expert,
             )
             runtime.device = str(pipeline.device)

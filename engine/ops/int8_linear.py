@@ -38,6 +38,7 @@ from engine.ops import w8a8_cuda
 Backend = Literal["triton", "torch"]
 QuantFormat = Literal["int8", "fp8"]
 GemmKind = Literal["int8", "fp8"]
+GEMMS: tuple[GemmKind, ...] = ("int8", "fp8")
 
 QUANT_BLOCK = 128  # rows × columns per scale, TurboDiffusion `Quantization::BlockSize`
 INT8_DIVISOR = 128.0  # TurboDiffusion `int8_max` (the scale is amax/128, not amax/127)
@@ -709,15 +710,17 @@ class Int8Linear(nn.Module):
     """A Linear stored in TurboDiffusion's W8A8 format: buffers `int8_weight`, `scale`, `bias`.
 
     The state dict is exactly TurboDiffusion's (`-quant` files load with strict=True). `gemm` picks the runtime
-    kernel: "int8" (default) or "fp8" (after `use_fp8()`, which requantizes the weight once at load). INT8 is the
-    default because on the H100 both GEMMs ran at the same speed (±5 %) and INT8 was 1–3× more accurate
-    (docs/notes/linear.md). `backend` None means Triton on CUDA, torch on CPU.
+    kernel: "int8" (default: TurboDiffusion's numerics, our Triton kernel) or "fp8" (after `use_fp8()`, which
+    requantizes the weight once at load): cuBLAS's block-scaled FP8 GEMM with 1×128 activation scales where it
+    runs (`fp8_cublas`), else the Triton FP8 kernel with 128×128 activation tiles. `backend` None means Triton on
+    CUDA, torch on CPU.
     """
 
     int8_weight: torch.Tensor
     scale: torch.Tensor
-    fp8_weight: torch.Tensor
+    fp8_weight_padded: torch.Tensor
     fp8_scale: torch.Tensor
+    fp8_scale_padded: torch.Tensor
 
     def __init__(
         self,
@@ -768,10 +771,19 @@ class Int8Linear(nn.Module):
         saved (the e4m3 weight is a lossy runtime copy, not the checkpoint).
         """
         fp8_weight, fp8_scale = requantize_int8_to_fp8(self.int8_weight, self.scale)
-        self.register_buffer("fp8_weight", fp8_weight, persistent=False)
+        # one copy of the weight, K zero-padded for cuBLAS (`fp8_cublas.pad_weight`); the Triton kernel reads the
+        # unpadded view `fp8_weight`
+        padded_weight, padded_scale = fp8_cublas.pad_weight(fp8_weight, fp8_scale)
+        self.register_buffer("fp8_weight_padded", padded_weight, persistent=False)
         self.register_buffer("fp8_scale", fp8_scale, persistent=False)
+        self.register_buffer("fp8_scale_padded", padded_scale, persistent=False)
         self.int8_weight = torch.empty(0, self.in_features, dtype=torch.int8, device=fp8_weight.device)
         self.gemm = "fp8"
+
+    @property
+    def fp8_weight(self) -> torch.Tensor:
+        """The e4m3 weight [N, K] (after `use_fp8`)."""
+        return self.fp8_weight_padded[:, :self.in_features]
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         if self.gemm == "fp8":
@@ -779,8 +791,25 @@ class Int8Linear(nn.Module):
                                "holds the INT8 checkpoint; save the model before calling use_fp8")
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def runs_cublas_fp8(self, x: torch.Tensor) -> bool:
+        """Whether this layer's GEMM on x goes to cuBLAS (FP8 mode, Triton backend, `fp8_cublas.usable`)."""
+        return (self.gemm == "fp8" and (self.backend or ("triton" if x.is_cuda else "torch")) == "triton"
+                and fp8_cublas.usable(x, self.in_features, self.out_features))
+
+    def cublas_fp8_quantize(self, x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's input [..., K] as the cuBLAS GEMM reads it (`fp8_cublas.quantize_groups`, K padded)."""
+        return fp8_cublas.quantize_groups(x.reshape(-1, x.shape[-1]).contiguous(), gelu=gelu,
+                                          padded_cols=self.fp8_weight_padded.shape[1])
+
+    def cublas_fp8_matmul(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """[M, N] from activations quantized by `cublas_fp8_quantize` (see `runs_cublas_fp8`)."""
+        return fp8_cublas.block_fp8_mm(q, scale, self.fp8_weight_padded, self.fp8_scale_padded, self.bias, out_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend or ("triton" if x.is_cuda else "torch")
+        if self.runs_cublas_fp8(x):
+            q, scale = self.cublas_fp8_quantize(x)
+            return self.cublas_fp8_matmul(q, scale, x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.gemm == "fp8":
             return fp8_linear(x, self.fp8_weight, self.fp8_scale, self.bias, backend=backend)
         return int8_linear(x, self.int8_weight, self.scale, self.bias, backend=backend)
@@ -795,8 +824,8 @@ class Int8FeedForward(nn.Sequential):
 
     A Sequential with the same children (0, 1, 2), so the state-dict keys stay `ffn.0.*` / `ffn.2.*`. On the
     Triton INT8 path with bf16 activations the first GEMM's epilogue applies bias + GELU and quantizes the hidden
-    activation straight into the second GEMM's int8 blocks (`block_scaled_mm_gelu_quant`); otherwise it runs as
-    the plain Sequential.
+    activation straight into the second GEMM's int8 blocks (`block_scaled_mm_gelu_quant`); on the cuBLAS FP8 path
+    one Triton pass applies GELU and quantizes the hidden activation; otherwise it runs as the plain Sequential.
     """
 
     def __init__(self, fc1: Int8Linear, fc2: Int8Linear) -> None:
@@ -805,6 +834,8 @@ class Int8FeedForward(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = cast(Int8Linear, self[0]), cast(Int8Linear, self[2])
         backend = fc1.backend or ("triton" if x.is_cuda else "torch")
+        if x.dtype == torch.bfloat16 and fc1.runs_cublas_fp8(x) and fc2.runs_cublas_fp8(x):
+            return self._cublas_fp8(x)
         # The epilogue rounds the hidden activation to bf16 where the unfused chain stores it: bf16 inputs only.
         if backend != "triton" or x.dtype != torch.bfloat16 or fc1.gemm != "int8" or fc2.gemm != "int8":
             return super().forward(x)
@@ -813,6 +844,13 @@ class Int8FeedForward(nn.Sequential):
         hq, hs = block_scaled_mm_gelu_quant(xq, xs, fc1.int8_weight, fc1.scale, fc1.bias)
         y = block_scaled_mm(hq, hs, fc2.int8_weight, fc2.scale, fc2.bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], fc2.out_features)
+
+    def _cublas_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = cast(Int8Linear, self[0]), cast(Int8Linear, self[2])
+        q, scale = fc1.cublas_fp8_quantize(x)
+        hidden = fc1.cublas_fp8_matmul(q, scale, x.dtype)  # bf16, where the unfused chain stores it
+        q, scale = fc2.cublas_fp8_quantize(hidden, gelu=True)
+        return fc2.cublas_fp8_matmul(q, scale, x.dtype).reshape(*x.shape[:-1], fc2.out_features)
 
     def add_to_residual(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """residual += self(x) · gate in place: x [B, L, D] bf16, residual [B, L, D] fp32, gate [B, 1, D] fp32.
@@ -835,7 +873,13 @@ class Int8FeedForward(nn.Sequential):
 
 def shared_input_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     """`[layer(x) for layer in layers]`, with x quantized once when every layer is an INT8 Int8Linear on the
-    Triton path (q, k and v of an attention read the same activation: one quantizer pass instead of three)."""
+    Triton path or every one runs the cuBLAS FP8 GEMM (q, k and v of an attention read the same activation: one
+    quantizer pass instead of three)."""
+    if len(layers) >= 2 and all(isinstance(layer, Int8Linear) and layer.runs_cublas_fp8(x)
+                                and layer.in_features == x.shape[-1] for layer in layers):
+        q, scale = cast(Int8Linear, layers[0]).cublas_fp8_quantize(x)  # same K, same padding: q, k, v
+        return [cast(Int8Linear, layer).cublas_fp8_matmul(q, scale, x.dtype).reshape(*x.shape[:-1], -1)
+                for layer in layers]
     int8_layers = [layer for layer in layers if isinstance(layer, Int8Linear) and layer.gemm == "int8"
                    and (layer.backend or ("triton" if x.is_cuda else "torch")) == "triton"]
     if len(int8_layers) != len(layers) or len(layers) < 2:
@@ -844,3 +888,7 @@ def shared_input_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[t
     xq, xs = quantize_blockwise(x2d, "int8")
     return [block_scaled_mm(xq, xs, layer.int8_weight, layer.scale, layer.bias, out_dtype=x.dtype)
             .reshape(*x.shape[:-1], layer.out_features) for layer in int8_layers]
+
+
+# Imported last: the cuBLAS FP8 path builds on this module's quantizer helpers, and Int8Linear dispatches to it.
+from engine.ops import fp8_cublas
