@@ -1,6 +1,6 @@
 """The cuBLAS FP8 path's activation quantizer (Triton, CPU interpreter) and scale layouts, against fp32 references.
 
-The GEMM itself is cuBLAS (sm90 only): tests/gpu/test_fp8_cublas_gpu.py checks it at Wan shapes.
+The GEMM itself is cuBLAS (sm90 only): tests/gpu/test_w8a8_gpu.py checks it at Wan shapes.
 """
 
 from __future__ import annotations
