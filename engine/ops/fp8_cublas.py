@@ -6,12 +6,15 @@ group of 128 channels (1×128 groups, scale amax/448). A 1×128 group sits insid
 tiles, so its scale is never coarser; being row-local, the quantizer can also run inside a row-wise producer.
 The GEMM is cuBLASLt's block-scaled FP8 matmul (CUDA ≥ 12.9, sm90: A scaled per 1×128, B per 128×128, partial
 sums promoted to fp32 per 128-wide K block) through `torch._scaled_mm`, which picks the scaling mode from the
-scale tensors' shapes: A's scales [M, K/128] and B's [K/128, N/128], both with the M (N) index fastest and
-16-byte-aligned strides.
+scale tensors' shapes: A's scales [M, K/128] with the row index fastest, B's a [K/128, N/128] view with the
+K-block index fastest. That view's column stride must be 16-byte aligned and torch 2.11 checks it is exactly
+K/128, so the weight is stored with K zero-padded to a multiple of 512 (`pad_weight`): at K = 8960 an unaligned
+stride gave wrong numbers without an error (docs/notes/linear.md, session 9).
 
-On the H100 it ran at 1000–1180 TOPS at the Wan shapes, against 800–960 for our Triton INT8 kernel
-(docs/notes/linear.md, session 9); error vs the float Linear 3.9 % against INT8's 2.1–3.7 % (e4m3 keeps 3 mantissa
-bits). Shapes cuBLAS does not take (K % 128 ≠ 0, N % 16 ≠ 0) and other GPUs run the Triton FP8 kernel instead.
+On the H100 it ran at 1000–1180 TOPS at the Wan shapes, against 800–960 for our Triton INT8 kernel; error vs the
+float Linear 3.9 % against INT8's 2.1–3.7 % (e4m3 keeps 3 mantissa bits), and a whole DiT call's output 4.5×
+INT8's error, which is why it is opt-in (`Int8Linear.use_fp8`, the pipeline's gemm="fp8"). Shapes cuBLAS does
+not take (K % 128 ≠ 0, N % 16 ≠ 0) and other GPUs run the Triton FP8 kernel instead.
 """
 
 from __future__ import annotations
