@@ -172,7 +172,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     quant = "w8a8" if args.quant else None
     pipe = Pipeline.load(name, random_weights=True, device=args.device,
                          attention="sagesla" if args.device == "cuda" else "sdpa", topk=args.topk, quant=quant,
-                         gemm=args.gemm if quant else "int8")
+                         gemm=args.gemm)
     _run(pipe, GenerationRequest(**base, steps=1), stream_mp4=True)  # warm-up: Triton autotune, cuDNN
     turbo: dict[str, object] = {"quant": quant, "gemm": pipe.gemm, "topk": args.topk}
     pipe.text_encoder.clear_cache()

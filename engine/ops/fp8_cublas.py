@@ -107,7 +107,7 @@ def _quantize_groups_kernel(
 
 def empty_group_scales(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """An fp32 [rows, ceil(cols/128)] scale tensor in cuBLAS's layout: row index fastest, the column stride padded
-    to a multiple of 4 elements (16 bytes)."""
+    to a multiple of 4 elements (16 bytes; the cuBLAS path runs only where that is `rows` itself, see `usable`)."""
     padded_rows = triton.cdiv(rows, 4) * 4
     return torch.empty(triton.cdiv(cols, GROUP), padded_rows, dtype=torch.float32, device=device)[:, :rows].t()
 
@@ -175,10 +175,13 @@ def _block_scaling_runs(device_index: int) -> bool:
 
 
 def usable(x: torch.Tensor, in_features: int, out_features: int) -> bool:
-    """Whether `block_fp8_mm` runs this layer: a bf16 / fp16 CUDA input on an sm90 GPU with block-scaled
-    `_scaled_mm`, K a multiple of 128 and N of 16 (cuBLAS's FP8 alignment)."""
+    """Whether `block_fp8_mm` runs this layer on x [..., K]: a bf16 / fp16 CUDA input on an sm90 GPU with
+    block-scaled `_scaled_mm`, K a multiple of 128, N of 16 (cuBLAS's FP8 alignment) and M = x's row count of 4:
+    torch's source (ScaledBlas.cpp) checks that A's scale column stride is exactly M, and cuBLAS needs it 16-byte
+    aligned; other M take the Triton FP8 kernel."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and in_features % GROUP == 0
-            and out_features % 16 == 0
+            and out_features % 16 == 0 and rows % 4 == 0
             and _block_scaling_runs(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 

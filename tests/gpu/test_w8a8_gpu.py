@@ -167,7 +167,7 @@ def test_block_scaled_mm_residual_gpu_matches_unfused_chain() -> None:
 
 
 def _needs_cublas_block_scaling() -> None:
-    probe = torch.empty(1, 128, device="cuda", dtype=torch.bfloat16)
+    probe = torch.empty(4, 128, device="cuda", dtype=torch.bfloat16)
     if not fp8_cublas.usable(probe, 128, 128):
         pytest.skip("block-scaled FP8 _scaled_mm needs an sm90 GPU and CUDA ≥ 12.9")
 
@@ -246,6 +246,15 @@ def test_fp8_feed_forward_and_shared_input_match_the_plain_modules() -> None:
         assert torch.equal(shared, alone)
 
 
+def test_rows_not_a_multiple_of_4_fall_back_to_the_triton_fp8_kernel() -> None:
+    layer = w8a8.Int8Linear.from_linear(nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16))
+    layer.use_fp8()
+    x = _activations(301, 256)
+    assert not layer.runs_cublas_fp8(x)
+    torch.testing.assert_close(layer(x), w8a8.fp8_linear(x, layer.fp8_weight, layer.fp8_scale, layer.bias),
+                               rtol=0, atol=0)
+
+
 def test_ragged_k_falls_back_to_the_triton_fp8_kernel() -> None:
     layer = w8a8.Int8Linear.from_linear(nn.Linear(1000, 520, device="cuda", dtype=torch.bfloat16))
     layer.use_fp8()
@@ -260,7 +269,7 @@ def test_tiny_pipeline_with_the_fp8_gemm_generates_finite_frames() -> None:
     _needs_cublas_block_scaling()
     pipe = Pipeline.load("tiny-t2v", device="cuda", quant="w8a8", gemm="fp8")
     layers = [m for m in pipe.experts[0].blocks.modules() if isinstance(m, w8a8.Int8Linear)]
-    probe = torch.empty(1, 1, device="cuda", dtype=torch.bfloat16)
+    probe = torch.empty(4, 1, device="cuda", dtype=torch.bfloat16)
     assert pipe.gemm == "fp8" and layers and all(layer.runs_cublas_fp8(probe) for layer in layers)
     result = pipe.generate(GenerationRequest(prompt="a fox", seed=0, steps=2))
     assert result.frames.shape == (81, 96, 160, 3) and result.frames.std() > 1
