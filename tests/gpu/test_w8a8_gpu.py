@@ -246,19 +246,12 @@ def test_fp8_feed_forward_and_shared_input_match_the_plain_modules() -> None:
         assert torch.equal(shared, alone)
 
 
-def test_rows_not_a_multiple_of_4_fall_back_to_the_triton_fp8_kernel() -> None:
-    layer = w8a8.Int8Linear.from_linear(nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16))
+# rows % 4 ≠ 0 (A's scale stride), K % 128 ≠ 0 with a ragged N
+@pytest.mark.parametrize("m,k,n", [(301, 256, 128), (300, 1000, 520)])
+def test_shapes_cublas_cannot_take_fall_back_to_the_triton_fp8_kernel(m: int, k: int, n: int) -> None:
+    layer = w8a8.Int8Linear.from_linear(nn.Linear(k, n, device="cuda", dtype=torch.bfloat16))
     layer.use_fp8()
-    x = _activations(301, 256)
-    assert not layer.runs_cublas_fp8(x)
-    torch.testing.assert_close(layer(x), w8a8.fp8_linear(x, layer.fp8_weight, layer.fp8_scale, layer.bias),
-                               rtol=0, atol=0)
-
-
-def test_ragged_k_falls_back_to_the_triton_fp8_kernel() -> None:
-    layer = w8a8.Int8Linear.from_linear(nn.Linear(1000, 520, device="cuda", dtype=torch.bfloat16))
-    layer.use_fp8()
-    x = _activations(300, 1000)
+    x = _activations(m, k)
     assert not layer.runs_cublas_fp8(x)
     torch.testing.assert_close(layer(x), w8a8.fp8_linear(x, layer.fp8_weight, layer.fp8_scale, layer.bias),
                                rtol=0, atol=0)
