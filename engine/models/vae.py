@@ -34,6 +34,7 @@ history).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.configs import VAEConfig
-from engine.ops.vae_ops import Backend, add_bias_residual, vae_rms_norm
+from engine.ops.vae_ops import Backend, add_bias_residual, upsample_nearest2x, vae_rms_norm
 
 # Per-channel latent statistics of the Wan2.1 VAE (official `WanVAE.__init__`; the same numbers are
 # diffusers' `AutoencoderKLWan` `latents_mean` / `latents_std` defaults).
@@ -118,16 +119,49 @@ def _activation(x: torch.Tensor | Activation) -> Activation:
     return x if isinstance(x, Activation) else Activation(x)
 
 
+# Output widths the fused path computes zero-padded: cuDNN's implicit-GEMM tiles are 64, 128 or 256 output
+# channels wide and 96 fits none of them. On the H100 the decoder's 96 -> 96 3x3x3 conv ran at 374 TFLOP/s,
+# and 1.52x faster with its weight zero-padded to 128 outputs (docs/PERFORMANCE.md, VAE decode). The padded
+# channels are never read: the conv's result is a view of its first out_channels channels.
+PADDED_OUT_CHANNELS: dict[int, int] = {96: 128}
+
+# conv -> (the weight it was made from, identified by storage, version and layout; the zero-padded copy).
+_padded_weights: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fused_weight(conv: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
+    """The weight the fused path convolves with: conv.weight, or its zero-padded copy (made once a weight)."""
+    weight = conv.weight
+    padded_out = PADDED_OUT_CHANNELS.get(conv.out_channels)
+    if padded_out is None:
+        return weight
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.stride())
+    cached = _padded_weights.get(conv)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layout = torch.channels_last_3d if weight.dim() == 5 else torch.channels_last
+    with torch.inference_mode(weight.is_inference()):
+        padded = torch.zeros((padded_out, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+        padded = padded.contiguous(memory_format=layout)
+        padded[: conv.out_channels].copy_(weight.detach())
+    _padded_weights[conv] = (key, padded)
+    return padded
+
+
 def _conv(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, cache: CausalCache) -> Activation:
-    """conv(x) (zero padding, as every conv here), its bias left to the next kernel on the fused path."""
+    """conv(x) (zero padding, as every conv here), its bias left to the next kernel on the fused path, where
+    the result may be a channel slice of a wider tensor (`PADDED_OUT_CHANNELS`; the Triton kernels take the
+    row stride)."""
     conv_fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
-    bias = None if cache.fused else conv.bias
-    out = conv_fn(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if not cache.fused:
+        out = conv_fn(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return Activation(out)
+    out = conv_fn(x, _fused_weight(conv), None, conv.stride, conv.padding, conv.dilation, conv.groups)
     # cuDNN answers channels-last inputs and weights in kind; a CPU 1x1 kernel may answer NCHW (one copy).
     layout = torch.channels_last_3d if out.dim() == 5 else torch.channels_last
-    return Activation(out.contiguous(memory_format=layout), conv.bias)
+    return Activation(out.contiguous(memory_format=layout)[:, : conv.out_channels], conv.bias)
 
 
 @contextmanager
@@ -500,13 +534,23 @@ class Resample(nn.Module):
         """[B, C, F, H, W] → [B, C', F', H', W']; the last conv's bias (fused path) is left to the next
         kernel."""
         x = _activation(x)
-        frames = self._upsample_time(x, cache) if self.mode == "upsample3d" else x.value(cache.backend)
-        b, c, t, h, w = frames.shape
-        frames = frames.transpose(1, 2).reshape(b * t, c, h, w)  # [B*F, C, H, W] (a view when channels-last)
+        if self.mode == "upsample3d":
+            x = Activation(self._upsample_time(x, cache))
+        b, c, t, h, w = x.shape
+
+        def images(v: torch.Tensor) -> torch.Tensor:  # [B*F, C, H, W] (a view when channels-last)
+            return v.transpose(1, 2).reshape(b * t, c, h, w)
+
         pad_or_upsample, conv = self.resample
         # nearest-exact copies values, so it runs in the input dtype (the official fp32 detour was a
-        # workaround for old bf16 kernels and gives the same bits).
-        out = _conv(conv, pad_or_upsample(frames), cache)  # [B*F, C', H', W']
+        # workaround for old bf16 kernels and gives the same bits); at x2 it is plain nearest.
+        if self.mode in ("upsample2d", "upsample3d") and cache.backend == "triton":
+            # x's pending adds and the upsample in one pass (ATen's channels-last upsample ran at 0.4 TB/s).
+            residual = images(x.residual) if x.residual is not None else None
+            frames = upsample_nearest2x(images(x.raw), bias=x.bias, residual=residual)
+        else:
+            frames = pad_or_upsample(images(x.value(cache.backend)))
+        out = _conv(conv, frames, cache)  # [B*F, C', H', W']
         out.raw = out.raw.view(b, t, *out.raw.shape[1:]).transpose(1, 2)  # [B, C', F, H', W']
         if self.mode == "downsample3d":
             return self._downsample_time(out, cache)

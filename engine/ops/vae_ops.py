@@ -69,8 +69,17 @@ def vae_rms_norm_reference(
     return F.silu(y) if silu else y
 
 
+def upsample_nearest2x_reference(
+    x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Nearest x2 upsample of (x + bias[c]) + residual over the last two dims, in x's dtype (the sum rounded
+    once, then copied: what the add followed by `nn.Upsample(mode="nearest-exact")` gives at scale 2)."""
+    s = add_bias_residual_reference(x, bias, residual).to(x.dtype)
+    return F.interpolate(s, scale_factor=2.0, mode="nearest-exact")
+
+
 # ------------------------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -112,6 +121,38 @@ def _vae_norm_kernel(
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + batch * stride_yb + rows[:, None] * stride_yr + cols[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _upsample2x_kernel(
+    x_ptr, bias_ptr, residual_ptr, y_ptr,
+    R, W,
+    # strides of the [N, R, C] input views and of the [N, 4R, C] output (channel stride 1)
+    stride_xb, stride_xr, stride_rb, stride_rr, stride_yb, stride_yr,
+    C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BLOCK_R input pixels (of R = H·W, row-major) of image program_id(1): each pixel's C channels, summed
+    once in fp32, stored at output pixels (2h + dy, 2w + dx) of the [2H, 2W] image."""
+    batch = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (rows < R)[:, None] & col_ok[None, :]
+    s = tl.load(x_ptr + batch * stride_xb + rows[:, None] * stride_xr + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        s += tl.load(residual_ptr + batch * stride_rb + rows[:, None] * stride_rr + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+    value = s.to(y_ptr.dtype.element_ty)
+    # Output pixel index of (2h, 2w) in the [2H, 2W] image; its right neighbour is +1, the row below +2W.
+    top_left = (rows // W) * (4 * W) + (rows % W) * 2
+    y = y_ptr + batch * stride_yb + cols[None, :]
+    for corner in tl.static_range(4):
+        out_rows = top_left + (corner // 2) * (2 * W) + corner % 2
+        tl.store(y + out_rows[:, None] * stride_yr, value, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -251,10 +292,59 @@ def add_bias_residual(
     return out
 
 
+def upsample_nearest2x(
+    x: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    backend: Backend = "triton",
+) -> torch.Tensor:
+    """Nearest x2 upsample of s = x + bias[c] + residual (the Resample's `nearest-exact`, exact at scale 2),
+    s computed once in fp32 and rounded to x's dtype: one read of each input, four writes of each value.
+
+    Args:
+        x: [N, C, H, W]; for the Triton backend channels-last (rows of C channels, any row stride).
+        bias: C elements or None.
+        residual: x's shape or None.
+        backend: "triton" or "torch" (`upsample_nearest2x_reference`).
+
+    Returns:
+        [N, C, 2H, 2W] in x's dtype, channels_last.
+    """
+    _check_backend(backend)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W]; got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+    if bias is not None and bias.numel() != c:
+        raise ValueError(f"bias must have {c} elements; got {tuple(bias.shape)}")
+    if backend == "torch":
+        return upsample_nearest2x_reference(x, bias, residual).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(n, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    x_rows = _rows(x, "x")
+    residual_rows = _rows(residual, "residual") if residual is not None else x_rows
+    out_rows = _rows(out, "out")
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, 4096 // block_c)
+    grid = (triton.cdiv(h * w, block_r), n)
+    _upsample2x_kernel[grid](
+        x_rows, bias.reshape(-1) if bias is not None else x_rows, residual_rows, out_rows,
+        h * w, w,
+        x_rows.stride(0), x_rows.stride(1), residual_rows.stride(0), residual_rows.stride(1),
+        out_rows.stride(0), out_rows.stride(1),
+        C=c, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 __all__ = [
     "NORM_EPS",
     "add_bias_residual",
     "add_bias_residual_reference",
+    "upsample_nearest2x",
+    "upsample_nearest2x_reference",
     "vae_rms_norm",
     "vae_rms_norm_reference",
 ]

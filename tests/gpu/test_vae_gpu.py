@@ -13,7 +13,12 @@ import torch
 
 from engine.configs import VAEConfig
 from engine.models.vae import WanVAE
-from engine.ops.vae_ops import vae_rms_norm, vae_rms_norm_reference
+from engine.ops.vae_ops import (
+    upsample_nearest2x,
+    upsample_nearest2x_reference,
+    vae_rms_norm,
+    vae_rms_norm_reference,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -60,6 +65,22 @@ def test_norm_kernel_matches_reference_on_cuda(shape: tuple[int, ...], dtype: to
             if with_adds:
                 _within_one_rounding(sum_out, x.float() + bias.float().view(-1, 1, 1, 1) + residual.float())
             assert buffer[:, :, :2].isnan().all()  # the head (a conv's history) is left alone
+
+
+@pytest.mark.parametrize("shape", [(4, 384, 30, 52), (4, 192, 60, 104)])  # the Resamples' inputs
+def test_upsample_kernel_is_the_reference_bit_for_bit(shape: tuple[int, ...]) -> None:
+    """The sum rounded once to bf16 (round to nearest on the GPU, as torch) and copied: the same bits as the
+    add followed by the nearest upsample. The input is a channel slice of a padded conv's wider output."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    n, c, h, w = shape
+    wide = torch.randn(n, c + 32, h, w, generator=gen, device="cuda").bfloat16()
+    x = wide.contiguous(memory_format=torch.channels_last)[:, :c]
+    residual = torch.randn(shape, generator=gen, device="cuda").bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    bias = torch.randn(c, generator=gen, device="cuda").bfloat16()
+    assert torch.equal(upsample_nearest2x(x, bias=bias, residual=residual),
+                       upsample_nearest2x_reference(x, bias, residual))
+    assert torch.equal(upsample_nearest2x(x), upsample_nearest2x_reference(x))
 
 
 def _full_size_vae() -> WanVAE:

@@ -320,15 +320,26 @@ def test_vae_plain_path_is_the_old_code_bit_for_bit(
     assert torch.equal(ours.encode(video), old.encode(video))
 
 
+@pytest.mark.parametrize("padded", [{}, {8: 16, 16: 32}], ids=["unpadded", "padded"])
 def test_vae_fused_decode_matches_the_old_code(
-    models: tuple[WanVAE, torch.nn.Module], latent: torch.Tensor
+    models: tuple[WanVAE, torch.nn.Module],
+    latent: torch.Tensor,
+    padded: dict[int, int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The CUDA path, here on the CPU (Triton interpreter): channels_last_3d activations and weights, conv
-    biases and residual adds folded into the norm kernel, norms written straight into the conv buffers."""
+    biases and residual adds folded into the norm kernel, norms written straight into the conv buffers, the
+    upsample fused with the adds before it. "padded": the tiny decoder's 8- and 16-wide convs (3x3x3 and the
+    Resample's 2-D) run zero-padded, as the real decoder's 96-wide ones do on the GPU, so every consumer
+    reads channel slices with a row stride wider than C."""
+    monkeypatch.setattr(vae_module, "PADDED_OUT_CHANNELS", padded)
     ours, _ = models
     expected = OldChunkedVAE(ours).decode(latent)
     fused = copy.deepcopy(ours)
     chunks = list(fused.decode_frames(latent, fused=True))
+    padded_convs = [m for m in fused.decoder.modules() if m in vae_module._padded_weights]
+    # The last two stages' 3 blocks x 2 convs, and the 3 Resamples' convs (32 -> 16, 32 -> 16, 16 -> 8).
+    assert len(padded_convs) == (15 if padded else 0)
     assert [c.shape[2] for c in chunks] == [1, 4, 4]
     assert all(c.is_contiguous(memory_format=torch.channels_last_3d) for c in chunks)
     assert fused.decoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)

@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.ops.vae_ops import add_bias_residual, vae_rms_norm, vae_rms_norm_reference
+from engine.ops.vae_ops import (
+    add_bias_residual,
+    upsample_nearest2x,
+    upsample_nearest2x_reference,
+    vae_rms_norm,
+    vae_rms_norm_reference,
+)
 
 CL3D = torch.channels_last_3d
 # The decoder's widths (96 / 192 / 384: not powers of two, masked lanes) and a small odd one (vector tails).
@@ -105,6 +111,48 @@ def test_add_bias_residual_in_place_and_into_a_view(channels: int) -> None:
     _assert_close(x, expected)
     torch.testing.assert_close(add_bias_residual(x, bias=bias, backend="torch"),
                                (x.float() + bias.view(-1, 1, 1, 1)).bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels", [384, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pending", [False, True])
+def test_upsample_matches_reference(channels: int, dtype: torch.dtype, pending: bool) -> None:
+    """The Resample's input: [B*F, C, H, W] channels-last, here a channel slice of a wider tensor (a padded
+    conv's output, row stride > C), with or without the bias and residual the previous block left to add."""
+    wide = _channels_last((1, channels + 32, 3, 5, 7), dtype).transpose(1, 2).reshape(3, -1, 5, 7)
+    x = wide[:, :channels]
+    assert x.stride(1) == 1 and x.stride(3) == channels + 32
+    bias = torch.randn(channels).to(dtype) if pending else None
+    residual = _channels_last((1, channels, 3, 5, 7), dtype, scale=3.0).transpose(1, 2).reshape(3, -1, 5, 7)
+    residual = residual if pending else None
+
+    out = upsample_nearest2x(x, bias=bias, residual=residual)
+
+    assert out.shape == (3, channels, 10, 14) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    expected = upsample_nearest2x_reference(x, bias, residual)
+    if dtype == torch.float32:
+        assert torch.equal(out, expected)  # the same fp32 sum, copied: bit for bit
+    else:
+        summed = x.float() + (bias.float().view(-1, 1, 1) + residual.float() if pending else 0.0)
+        _assert_close(out, F.interpolate(summed, scale_factor=2.0, mode="nearest"))
+    # Each 2x2 output block holds its input pixel: the x2 nearest of official's nearest-exact.
+    assert torch.equal(out[:, :, 1::2, 0::2], out[:, :, 0::2, 0::2])
+    assert torch.equal(out[:, :, 0::2, 1::2], out[:, :, 0::2, 0::2])
+    torch.testing.assert_close(upsample_nearest2x(x, bias=bias, residual=residual, backend="torch"), expected,
+                               rtol=0, atol=0)
+
+
+def test_upsample_rejects_bad_inputs() -> None:
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="x must be"):
+        upsample_nearest2x(x[None])
+    with pytest.raises(ValueError, match="residual"):
+        upsample_nearest2x(x, residual=x[:1])
+    with pytest.raises(ValueError, match="bias"):
+        upsample_nearest2x(x, bias=torch.ones(3))
+    with pytest.raises(ValueError, match="channels-last"):
+        upsample_nearest2x(x.contiguous())
 
 
 def test_reference_is_the_old_module_formula() -> None:
