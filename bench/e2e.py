@@ -115,22 +115,28 @@ def _holders_of_largest_cuda_tensor() -> list[str]:
     return chain
 
 
-def _offload_switches(pipe: Pipeline, spec: object, steps: int) -> tuple[int, float]:
-    """(expert switches in the timed original run, seconds of one offloading switch); (0, 0) without offload.
+def _offload_switches(pipe: Pipeline, spec: object, steps: int) -> tuple[int, int, float]:
+    """(expert switches in the timed original run, in the full `baseline_steps` run, seconds of one offloading
+    switch); (0, 0, 0) without offload.
 
     The warm-up (1 step) leaves its expert active; the switch time is measured by switching back once."""
     if not (pipe.offload_idle_expert and len(pipe.experts) > 1):
-        return 0, 0.0
-    shift = spec.baseline_shift  # type: ignore[attr-defined]
-    active = unipc_expert_schedule(flow_unipc_sigmas(1, shift), spec.boundary)[-1]  # type: ignore[attr-defined]
-    schedule = unipc_expert_schedule(flow_unipc_sigmas(steps, shift), spec.boundary)  # type: ignore[attr-defined]
-    switches = sum(expert != previous for previous, expert in zip([active, *schedule[:-1]], schedule, strict=True))
+        return 0, 0, 0.0
+    shift, boundary = spec.baseline_shift, spec.boundary  # type: ignore[attr-defined]
+    active = unipc_expert_schedule(flow_unipc_sigmas(1, shift), boundary)[-1]
+
+    def switches(schedule: list[int], first: int) -> int:
+        previous = [first, *schedule[:-1]]
+        return sum(expert != before for before, expert in zip(previous, schedule, strict=True))
+
+    timed = unipc_expert_schedule(flow_unipc_sigmas(steps, shift), boundary)
+    full = unipc_expert_schedule(flow_unipc_sigmas(spec.baseline_steps, shift), boundary)  # type: ignore[attr-defined]
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    pipe._expert(1 - schedule[-1])
+    pipe._expert(1 - timed[-1])
     sync()
-    return switches, time.perf_counter() - start
+    return switches(timed, active), switches(full, full[0]), time.perf_counter() - start
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -150,14 +156,16 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     _run(pipe, GenerationRequest(**base, steps=1, sampler="unipc"), stream_mp4=False)  # warm-up (cuDNN, allocator)
     original = _run(pipe, GenerationRequest(**base, steps=args.original_steps, sampler="unipc"), stream_mp4=False)
     denoise = original["timings"]["denoise"]  # type: ignore[index]
-    switches, switch_s = _offload_switches(pipe, spec, args.original_steps)
+    switches, full_switches, switch_s = _offload_switches(pipe, spec, args.original_steps)
     # The A14B original parks the idle bf16 expert on the CPU: a switch moves 2 × 28 GB over PCIe. The timed
-    # steps may switch where the full run switches once; count those moves apart from the per-step time.
+    # steps switch or not (their expert sequence is not the full run's), the full run switches once (high to
+    # low noise): the per-step time leaves the timed moves out, the extrapolation adds the full run's.
     per_step = (denoise - switches * switch_s) / args.original_steps
     original["denoise_per_step_s"] = per_step
-    original["denoise_extrapolated_s"] = per_step * spec.baseline_steps + (switch_s if switches else 0.0)
+    original["denoise_extrapolated_s"] = per_step * spec.baseline_steps + full_switches * switch_s
     original["offload_switch_s"] = switch_s
     original["offload_switches_in_timed_steps"] = switches
+    original["offload_switches_in_full_run"] = full_switches
     original["baseline_steps"] = spec.baseline_steps
     out["original"] = original
     del pipe

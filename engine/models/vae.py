@@ -34,7 +34,6 @@ history).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,9 +57,16 @@ LATENT_STD: tuple[float, ...] = (
 )  # fmt: skip
 
 
+# Output widths the fused path computes zero-padded: cuDNN's implicit-GEMM tiles are 64, 128 or 256 output
+# channels wide and 96 fits none of them. On the H100 the decoder's 96 -> 96 3x3x3 conv ran at 374 TFLOP/s,
+# and 1.52x faster with its weight zero-padded to 128 outputs (docs/PERFORMANCE.md, VAE decode). The padded
+# channels are never read: the conv's result is a view of its first out_channels channels.
+PADDED_OUT_CHANNELS: dict[int, int] = {96: 128}
+
+
 class CausalCache:
-    """The time history each causal layer carries from one chunk to the next (the official `feat_cache`), and
-    how this call runs its layers (plain or fused, see the module docstring).
+    """The time history each causal layer carries from one chunk to the next (the official `feat_cache`), how
+    this call runs its layers (plain or fused, see the module docstring), and the fused path's padded weights.
 
     Keyed by the layer itself, so a layer always finds its own history without a running slot counter. A
     causal conv stores its input buffer [B, C, time_padding + F, H, W], whose first time_padding frames are
@@ -72,6 +78,7 @@ class CausalCache:
         self.backend: Backend = "triton" if fused else "torch"
         self.memory_format = torch.channels_last_3d if fused else torch.contiguous_format
         self._history: dict[nn.Module, torch.Tensor] = {}
+        self._padded_weights: dict[nn.Module, torch.Tensor] = {}
 
     def get(self, layer: nn.Module) -> torch.Tensor | None:
         """The layer's history (buffer), or None before its first chunk."""
@@ -81,6 +88,17 @@ class CausalCache:
         """Store the layer's history buffer (when it starts or changes size; otherwise updated in place)."""
         self._history[layer] = history
         return history
+
+    def weight(self, conv: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
+        """The weight the fused path convolves with: conv.weight, or its zero-padded copy
+        (`PADDED_OUT_CHANNELS`), made once per call from the weight as it is now."""
+        padded_out = PADDED_OUT_CHANNELS.get(conv.out_channels)
+        if padded_out is None:
+            return conv.weight
+        padded = self._padded_weights.get(conv)
+        if padded is None:
+            padded = self._padded_weights[conv] = _zero_padded(conv.weight, padded_out)
+        return padded
 
 
 @dataclass
@@ -119,34 +137,12 @@ def _activation(x: torch.Tensor | Activation) -> Activation:
     return x if isinstance(x, Activation) else Activation(x)
 
 
-# Output widths the fused path computes zero-padded: cuDNN's implicit-GEMM tiles are 64, 128 or 256 output
-# channels wide and 96 fits none of them. On the H100 the decoder's 96 -> 96 3x3x3 conv ran at 374 TFLOP/s,
-# and 1.52x faster with its weight zero-padded to 128 outputs (docs/PERFORMANCE.md, VAE decode). The padded
-# channels are never read: the conv's result is a view of its first out_channels channels.
-PADDED_OUT_CHANNELS: dict[int, int] = {96: 128}
-
-# conv -> (the weight it was made from, identified by storage, version and layout; the zero-padded copy).
-_padded_weights: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], torch.Tensor]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _fused_weight(conv: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
-    """The weight the fused path convolves with: conv.weight, or its zero-padded copy (made once a weight)."""
-    weight = conv.weight
-    padded_out = PADDED_OUT_CHANNELS.get(conv.out_channels)
-    if padded_out is None:
-        return weight
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.stride())
-    cached = _padded_weights.get(conv)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+def _zero_padded(weight: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """weight [C_out, C_in, *k] with zero filters appended up to out_channels, in weight's layout."""
     layout = torch.channels_last_3d if weight.dim() == 5 else torch.channels_last
-    with torch.inference_mode(weight.is_inference()):
-        padded = torch.zeros((padded_out, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
-        padded = padded.contiguous(memory_format=layout)
-        padded[: conv.out_channels].copy_(weight.detach())
-    _padded_weights[conv] = (key, padded)
+    padded = torch.zeros((out_channels, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+    padded = padded.contiguous(memory_format=layout)
+    padded[: weight.shape[0]].copy_(weight.detach())
     return padded
 
 
@@ -158,7 +154,7 @@ def _conv(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, cache: CausalCache) -> A
     if not cache.fused:
         out = conv_fn(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return Activation(out)
-    out = conv_fn(x, _fused_weight(conv), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    out = conv_fn(x, cache.weight(conv), None, conv.stride, conv.padding, conv.dilation, conv.groups)
     # cuDNN answers channels-last inputs and weights in kind; a CPU 1x1 kernel may answer NCHW (one copy).
     layout = torch.channels_last_3d if out.dim() == 5 else torch.channels_last
     return Activation(out.contiguous(memory_format=layout)[:, : conv.out_channels], conv.bias)
