@@ -92,6 +92,8 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
             rows[name] = {"decode_s_median": statistics.median(times), "decode_s_all": times}
         first = next(iter(outputs))
+        # The decode clamps to [-1, 1]: a comparison is only as good as the share of outputs inside the clamp.
+        results.setdefault("unclamped_fraction", {})[size] = (outputs[first].abs() < 1).float().mean().item()
         for name, out in outputs.items():
             diff = (out - outputs[first]).abs()
             rows[name]["max_abs_diff_vs_" + first] = diff.max().item()
