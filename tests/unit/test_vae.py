@@ -406,6 +406,17 @@ def test_vae_fused_encode_matches_the_old_code(
     assert not time_conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def test_vae_fused_encode_with_padded_convs_matches_the_old_code(
+    models: tuple[WanVAE, torch.nn.Module], video: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoder shares the decoder's layers, so its 96-wide convs run padded on the GPU too: here the tiny
+    encoder's 8-wide ones, whose strided outputs feed norms, a downsample's zero pad and a 1x1 shortcut."""
+    monkeypatch.setattr(vae_module, "PADDED_OUT_CHANNELS", {8: 16})
+    ours, _ = models
+    expected = OldChunkedVAE(ours).encode(video)
+    assert relative_max_diff(copy.deepcopy(ours).encode(video, fused=True), expected) <= 2e-6
+
+
 def test_vae_fused_encode_bf16_close_to_fp32(
     models: tuple[WanVAE, torch.nn.Module], video: torch.Tensor
 ) -> None:
