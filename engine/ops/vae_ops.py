@@ -1,4 +1,4 @@
-"""The Wan VAE's per-pixel passes fused into one Triton kernel for channels-last activations, fp32 math.
+"""The Wan VAE's per-pixel passes fused into Triton kernels for channels-last activations, fp32 math.
 
 Ops (x [B, C, *spatial], the channel dim 1 innermost in memory for the Triton backend):
 - `vae_rms_norm(x, gamma, bias, residual, silu)`: the VAE's RMS norm (official `RMS_norm`: F.normalize over
@@ -8,11 +8,14 @@ Ops (x [B, C, *spatial], the channel dim 1 innermost in memory for the Triton ba
   also receives s, for a caller that still needs the value; `out` (which may be a view, e.g. the tail of a
   causal conv's input buffer) receives the result.
 - `add_bias_residual(x, bias, residual, out)`: s alone, in one pass.
+- `upsample_nearest2x(x, bias, residual)`: s, then the Resample's nearest x2 upsample, in one pass (4-D
+  [N, C, H, W] images).
 
-The Triton kernel reads each input once and writes each output once (rows of C channels, several rows per
-program). The "torch" backend is the `*_reference` below: plain torch on any layout, in fp32 (a no-op cast for
-fp32 inputs), and in fp32 without bias and residual it computes exactly the old module's
-`F.normalize(x.float(), dim=1) * (gamma.float() * C**0.5)` and F.silu, so the CPU decode keeps its bits.
+The Triton kernels read each input once and write each output once (rows of C channels, several rows per
+program; the upsample writes each value four times). The "torch" backend is the `*_reference` below: plain
+torch on any layout, in fp32 (a no-op cast for fp32 inputs), and in fp32 without bias and residual it
+computes exactly the old module's `F.normalize(x.float(), dim=1) * (gamma.float() * C**0.5)` and F.silu, so
+the CPU decode keeps its bits.
 
 Rounding: the kernel casts once, after the SiLU. The old module cast the norm to x's dtype, ran the SiLU in
 that dtype and cast again (two roundings in bf16), and added the conv bias and the residual in bf16 too; the
@@ -84,18 +87,13 @@ def upsample_nearest2x_reference(
 
 
 @triton.jit
-def _vae_norm_kernel(
-    # pointers
-    x_ptr, bias_ptr, residual_ptr, sum_ptr, gamma_ptr, y_ptr,
-    # sizes and constants
-    R, scale, eps,
-    # strides of the [B, R, C] views (channel stride 1): per batch item, per row
-    stride_xb, stride_xr, stride_rb, stride_rr, stride_sb, stride_sr, stride_yb, stride_yr,
-    # meta-parameters
-    C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
-    NORM: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _load_sum(
+    x_ptr, bias_ptr, residual_ptr, R, stride_xb, stride_xr, stride_rb, stride_rr,
+    C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """BLOCK_R rows (pixels) of batch item program_id(1), each row's C channels whole in registers."""
+    """This program's BLOCK_R rows of batch item program_id(1): batch, rows, cols, mask and
+    s = x + bias + residual in fp32 (masked lanes 0)."""
     batch = tl.program_id(1).to(tl.int64)
     # int64 offsets: a batch of 720P chunks passes 2^31 elements.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -109,6 +107,25 @@ def _vae_norm_kernel(
     if HAS_RESIDUAL:
         s += tl.load(residual_ptr + batch * stride_rb + rows[:, None] * stride_rr + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
+    return batch, rows, cols, mask, s
+
+
+@triton.jit
+def _vae_norm_kernel(
+    # pointers
+    x_ptr, bias_ptr, residual_ptr, sum_ptr, gamma_ptr, y_ptr,
+    # sizes and constants
+    R, scale, eps,
+    # strides of the [B, R, C] views (channel stride 1): per batch item, per row
+    stride_xb, stride_xr, stride_rb, stride_rr, stride_sb, stride_sr, stride_yb, stride_yr,
+    # meta-parameters
+    C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
+    NORM: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BLOCK_R rows (pixels) of batch item program_id(1), each row's C channels whole in registers."""
+    batch, rows, cols, mask, s = _load_sum(x_ptr, bias_ptr, residual_ptr, R, stride_xb, stride_xr, stride_rb,
+                                           stride_rr, C, HAS_BIAS, HAS_RESIDUAL, BLOCK_R, BLOCK_C)
+    col_ok = cols < C
     if STORE_SUM:
         tl.store(sum_ptr + batch * stride_sb + rows[:, None] * stride_sr + cols[None, :],
                  s.to(sum_ptr.dtype.element_ty), mask=mask)
@@ -134,18 +151,8 @@ def _upsample2x_kernel(
 ):
     """BLOCK_R input pixels (of R = H·W, row-major) of image program_id(1): each pixel's C channels, summed
     once in fp32, stored at output pixels (2h + dy, 2w + dx) of the [2H, 2W] image."""
-    batch = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mask = (rows < R)[:, None] & col_ok[None, :]
-    s = tl.load(x_ptr + batch * stride_xb + rows[:, None] * stride_xr + cols[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        s += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        s += tl.load(residual_ptr + batch * stride_rb + rows[:, None] * stride_rr + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
+    batch, rows, cols, mask, s = _load_sum(x_ptr, bias_ptr, residual_ptr, R, stride_xb, stride_xr, stride_rb,
+                                           stride_rr, C, HAS_BIAS, HAS_RESIDUAL, BLOCK_R, BLOCK_C)
     value = s.to(y_ptr.dtype.element_ty)
     # Output pixel index of (2h, 2w) in the [2H, 2W] image; its right neighbour is +1, the row below +2W.
     top_left = (rows // W) * (4 * W) + (rows % W) * 2
