@@ -26,7 +26,8 @@ Two ways to run the same layers, chosen per call by `CausalCache(fused=...)`:
   conv weights in channels_last_3d, so cuDNN needs no layout transposes (and `cudnn.benchmark` is on while
   the chunks run); each norm (with the SiLU after it) is one Triton pass (`engine.ops.vae_ops`) that also
   applies the bias the conv before it left out and the residual add before it, and writes straight into the
-  input buffer of the conv after it. Same math up to bf16 rounding.
+  input buffer of the conv after it; a Resample's nearest upsample is one Triton pass with those adds; 96-wide
+  convs run with zero-padded 128-wide weights (`PADDED_OUT_CHANNELS`). Same math up to bf16 rounding.
 Either way a causal conv keeps one input buffer [B, C, time_padding + F, H, W] per layer: the history at its
 head, this chunk at its tail, so it never concatenates (the downsample3d time conv too, with its one frame of
 history).
