@@ -56,7 +56,7 @@ def variant(name: str) -> Iterator[None]:
 
 def decode(vae: WanVAE, latent: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([frames for frames in vae.decode_frames(latent)], dim=2)
+        return torch.cat(list(vae.decode_frames(latent)), dim=2)
 
 
 def main() -> None:
