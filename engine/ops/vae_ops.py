@@ -304,21 +304,20 @@ def upsample_nearest2x(
     *,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
-    backend: Backend = "triton",
 ) -> torch.Tensor:
     """Nearest x2 upsample of s = x + bias[c] + residual (the Resample's `nearest-exact`, exact at scale 2),
-    s computed once in fp32 and rounded to x's dtype: one read of each input, four writes of each value.
+    s computed once in fp32 and rounded to x's dtype: one read of each input, four writes of each value. The
+    fused path's op only (the plain path keeps the module's add and `nn.Upsample`); its reference is
+    `upsample_nearest2x_reference`.
 
     Args:
-        x: [N, C, H, W]; for the Triton backend channels-last (rows of C channels, any row stride).
+        x: [N, C, H, W] channels-last (rows of C channels, any row stride).
         bias: C elements or None.
         residual: x's shape or None.
-        backend: "triton" or "torch" (`upsample_nearest2x_reference`).
 
     Returns:
         [N, C, 2H, 2W] in x's dtype, channels_last.
     """
-    _check_backend(backend)
     if x.dim() != 4:
         raise ValueError(f"x must be [N, C, H, W]; got {tuple(x.shape)}")
     n, c, h, w = x.shape
@@ -326,8 +325,6 @@ def upsample_nearest2x(
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
     if bias is not None and bias.numel() != c:
         raise ValueError(f"bias must have {c} elements; got {tuple(bias.shape)}")
-    if backend == "torch":
-        return upsample_nearest2x_reference(x, bias, residual).contiguous(memory_format=torch.channels_last)
     out = torch.empty(n, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     x_rows = _rows(x, "x")
     residual_rows = _rows(residual, "residual") if residual is not None else x_rows
