@@ -56,10 +56,13 @@ def _have_ffmpeg() -> bool:
         return False
 
 
-def _run(pipe: Pipeline, request: GenerationRequest, *, stream_mp4: bool) -> dict[str, object]:
-    """One request, timed per stage. stream_mp4: encode during the decode (turbo) instead of after it."""
-    from engine.video import Mp4Stream, write_mp4
+def _run(pipe: Pipeline, request: GenerationRequest, *, stream_mp4: bool,
+         x264_params: str | None = None) -> dict[str, object]:
+    """One request, timed per stage. stream_mp4: encode during the decode (turbo) instead of after it.
+    x264_params: libx264 options in place of the engine's default (`write_mp4`)."""
+    from engine.video import DEFAULT_X264_PARAMS, Mp4Stream, write_mp4
 
+    x264_params = DEFAULT_X264_PARAMS if x264_params is None else x264_params
     cuda = pipe.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -67,14 +70,14 @@ def _run(pipe: Pipeline, request: GenerationRequest, *, stream_mp4: bool) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "out.mp4"
         start = time.perf_counter()
-        stream = Mp4Stream(path, fps=pipe.spec.fps) if mp4 and stream_mp4 else None
+        stream = Mp4Stream(path, fps=pipe.spec.fps, x264_params=x264_params) if mp4 and stream_mp4 else None
         with stream or contextlib.nullcontext():
             result = pipe.generate(request, on_frames=stream.put if stream else None)
             generated = time.perf_counter()
             if stream:
                 stream.close()
             elif mp4:
-                write_mp4(result.frames, path, fps=result.fps)
+                write_mp4(result.frames, path, fps=result.fps, x264_params=x264_params)
         done = time.perf_counter()
     record: dict[str, object] = {"timings": result.timings, "generate_s": generated - start,
                                  "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -191,6 +194,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True)  # prompt embedding cached
     turbo["text_encode_cached_s"] = cached["timings"]["text_encode"]  # type: ignore[index]
     turbo["cached_prompt"] = cached
+    # The same cached request with other libx264 options: the MP4 tail side by side with the default's.
+    turbo["cached_prompt_x264"] = {
+        params: _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True, x264_params=params)
+        for params in args.compare_x264
+    }
     if len(pipe.experts) > 1 and pipe.device.type == "cuda":
         turbo["expert_switch_s"] = _switch_cost_s(pipe)
     out["turbo"] = turbo
@@ -218,6 +226,9 @@ def main() -> None:
     parser.add_argument("--topk", type=float, default=0.1)
     parser.add_argument("--no-quant", dest="quant", action="store_false")
     parser.add_argument("--gemm", default="int8", choices=["int8", "fp8"], help="turbo's W8A8 GEMM")
+    parser.add_argument("--compare-x264", default=[""], type=lambda v: v.split(","),
+                        help="comma-separated libx264 option strings to run the cached request with too "
+                             "(default: libx264's own, i.e. frame threads)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda", help="cpu only to check the script itself, never for timing")
     args = parser.parse_args()

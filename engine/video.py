@@ -39,6 +39,11 @@ DEFAULT_CRF = 18
 # faster presets (superfast, ultrafast) double to quadruple the size. The encode sits on the request's critical
 # path, so the default is veryfast.
 DEFAULT_PRESET = "veryfast"
+# libx264's threading: with its default frame threads every thread holds a frame of its own, so once the last
+# chunk arrives a streamed encode still has a few dozen frames in flight and their encode is the request's
+# tail. Sliced threads split each frame between the threads instead: the tail is the last frames' own time.
+# The choice is measured on the serving machine's CPU (bench/encode.py, streamed tail; docs/PERFORMANCE.md).
+DEFAULT_X264_PARAMS = "sliced-threads=1"
 
 
 def frames_from_video(video: torch.Tensor) -> np.ndarray:
@@ -74,6 +79,7 @@ def write_mp4(
     *,
     crf: int = DEFAULT_CRF,
     preset: str = DEFAULT_PRESET,
+    x264_params: str = DEFAULT_X264_PARAMS,
 ) -> int:
     """Encode uint8 RGB frames to an H.264 yuv420p MP4 with the moov atom in front (+faststart).
 
@@ -84,6 +90,8 @@ def write_mp4(
         fps: frames per second.
         crf: libx264 constant-rate factor, 0 (lossless) to 51.
         preset: libx264 speed/size preset (ultrafast … veryslow).
+        x264_params: libx264 options as `key=value:key=value` (ffmpeg's `-x264-params`), "" for none. ffmpeg
+            skips an option libx264 does not know without an error.
 
     Returns:
         The number of frames written.
@@ -116,7 +124,8 @@ def write_mp4(
         codec="libx264",
         macro_block_size=1,  # never rescale; even sizes are checked above
         ffmpeg_log_level="error",
-        output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart", "-f", "mp4"],
+        output_params=["-crf", str(crf), "-preset", preset, *(["-x264-params", x264_params] if x264_params else []),
+                       "-movflags", "+faststart", "-f", "mp4"],
     )
     num_frames = 0
     try:

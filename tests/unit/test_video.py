@@ -66,6 +66,15 @@ def test_write_mp4_streamed_chunks_give_the_same_video(tmp_path: Path) -> None:
     np.testing.assert_array_equal(streamed, whole)  # libx264 is deterministic for identical input
 
 
+@pytest.mark.parametrize("x264_params", ["", "sliced-threads=1:threads=4", "bframes=0:rc-lookahead=0"])
+def test_write_mp4_x264_params_keep_the_frames(tmp_path: Path, x264_params: str) -> None:
+    frames = _moving_gradient()
+    path = tmp_path / "clip.mp4"
+    assert write_mp4(frames, path, x264_params=x264_params) == F
+    decoded, _ = read_mp4(path)
+    assert _psnr(decoded, frames) > 36.0 and _psnr(decoded[1:], frames[:-1]) < 36.0
+
+
 @pytest.mark.parametrize(("height", "width"), [(47, 64), (48, 63)])
 def test_write_mp4_refuses_odd_sizes(tmp_path: Path, height: int, width: int) -> None:
     with pytest.raises(ValueError, match="even height and width"):
