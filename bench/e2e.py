@@ -6,10 +6,10 @@ W8A8 where available, fused norms, rCM 3 and 4 steps), random weights at the rea
 
 Weight values do not change speed, so random weights stand in for the checkpoints. The original's 50 steps are
 timed over `--original-steps` steps (each = 2 model calls for CFG) and extrapolated linearly: every UniPC step
-costs the same two DiT calls plus a few element-wise ops. Stages: text_encode (uncached, then cached),
-image_encode (I2V), denoise, vae_decode, encode_mp4 (when imageio-ffmpeg is importable: the original encodes after
-the decode as the official scripts do; turbo streams each decoded chunk into an `Mp4Stream`, so its encode_mp4 is
-the tail left after the last frame). `request_to_mp4_s` is the wall time from the request to the MP4 in place.
+costs the same two DiT calls plus a few element-wise ops. Stages: text_encode and image_encode (I2V) uncached,
+then cached (`cached_prompt`: the same request again), denoise, vae_decode, encode_mp4 (when imageio-ffmpeg is
+importable: the original encodes after the decode as the official scripts do; turbo streams each decoded chunk
+into an `Mp4Stream`, so its encode_mp4 is the tail left after the last frame). `request_to_mp4_s` is the wall time from the request to the MP4 in place.
 Peak and resident GPU memory per variant; for the A14B, the expert switch cost (both experts resident).
 """
 
@@ -187,16 +187,20 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     _run(pipe, GenerationRequest(**base, steps=1), stream_mp4=True)  # warm-up: Triton autotune, cuDNN
     turbo: dict[str, object] = {"quant": quant, "gemm": pipe.gemm, "topk": args.topk}
     pipe.text_encoder.clear_cache()
+    pipe.clear_image_cache()
     for steps in args.steps:
         turbo[f"steps_{steps}"] = _run(pipe, GenerationRequest(**base, steps=steps), stream_mp4=True)
         pipe.text_encoder.clear_cache()
+        pipe.clear_image_cache()
     _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True)
-    cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True)  # prompt embedding cached
+    # A repeated request: prompt embedding (and for I2V the image condition) from the caches.
+    cached = _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True)
     turbo["text_encode_cached_s"] = cached["timings"]["text_encode"]  # type: ignore[index]
     turbo["cached_prompt"] = cached
     # The same cached request with other libx264 options: the MP4 tail side by side with the default's.
     turbo["cached_prompt_x264"] = {
-        params: _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True, x264_params=params)
+        params: _run(pipe, GenerationRequest(**base, steps=args.steps[0]), stream_mp4=True,
+                     x264_params=params)
         for params in args.compare_x264
     }
     if len(pipe.experts) > 1 and pipe.device.type == "cuda":

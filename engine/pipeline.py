@@ -2,6 +2,7 @@
 
 Stages (each timed, each reported through `on_progress`):
     text_encode  umT5 → [1, 512, 4096] context (LRU cache of prompt embeddings)
+    image_encode I2V only: the VAE encode of the first frame + black frames (LRU cache per image and size)
     denoise      rCM sampling over the DiT (1–4 steps, no CFG), Wan2.2-A14B high/low-noise expert switch
     vae_decode   Wan2.1 VAE, one latent frame at a time → uint8 frames
 
@@ -12,9 +13,11 @@ object with `GenerationRequest(sampler="unipc")`; the benchmark uses it for same
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -113,7 +116,10 @@ class Pipeline:
     """The resident models of one spec and the generation loop over them."""
 
     def __init__(self, spec: ModelSpec, text_encoder: TextEncoder, experts: list[WanModel], vae: WanVAE,
-                 device: torch.device, *, attention: str, topk: float, offload_idle_expert: bool = False) -> None:
+                 device: torch.device, *, attention: str, topk: float, offload_idle_expert: bool = False,
+                 image_cache_size: int = 8) -> None:
+        if image_cache_size < 0:
+            raise ValueError(f"image_cache_size must be >= 0, got {image_cache_size}")
         self.spec = spec
         self.text_encoder = text_encoder
         self.experts = experts
@@ -126,6 +132,10 @@ class Pipeline:
         linears = [m for m in experts[0].modules() if isinstance(m, Int8Linear)]
         self.quant = "w8a8" if linears else None
         self.gemm = linears[0].gemm if linears else None  # "int8" | "fp8" for W8A8 linears
+        # I2V conditions y per (resized pixels, frames): a repeated image skips the VAE encode of the whole
+        # clip (about 1 s at 720p), as a repeated prompt skips umT5. 12 MB each at 720p.
+        self.image_cache_size = image_cache_size
+        self._image_conditions: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
 
     # -----------------------------------------------------------------------------------------------------
     # Construction
@@ -135,7 +145,7 @@ class Pipeline:
     def load(cls, model: str, checkpoint_dir: str | Path | None = None, *, device: str | None = None,
              attention: str | None = None, topk: float | None = None, quant: str | None = "auto",
              gemm: str = "int8", offload_idle_expert: bool = False, random_weights: bool = False,
-             dtype: torch.dtype | None = None) -> Pipeline:
+             dtype: torch.dtype | None = None, image_cache_size: int = 8) -> Pipeline:
         """Build the models of `model` on `device`, weights from `checkpoint_dir`.
 
         Args:
@@ -149,6 +159,7 @@ class Pipeline:
                 docs/notes/linear.md).
             offload_idle_expert: keep only the active A14B expert on the GPU, the other parked on the CPU.
             dtype: matmul dtype; default bf16 on CUDA, fp32 on CPU.
+            image_cache_size: I2V image conditions kept for repeated images (0 disables the cache).
         """
         spec = from_name(model)
         dev = torch.device(device) if device else default_device()
@@ -179,7 +190,7 @@ class Pipeline:
         if offload_idle_expert and n_experts > 1:
             experts[1].to("cpu")
         return cls(spec, text_encoder, experts, vae, dev, attention=attention, topk=topk,
-                   offload_idle_expert=offload_idle_expert)
+                   offload_idle_expert=offload_idle_expert, image_cache_size=image_cache_size)
 
     # -----------------------------------------------------------------------------------------------------
     # Requests
@@ -303,14 +314,34 @@ class Pipeline:
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     def _image_condition(self, req: GenerationRequest) -> torch.Tensor:
-        """y = cat(mask 4, VAE(image + F−1 black frames) 16) → [1, 20, F', H', W'] (wan.md §11)."""
+        """y = cat(mask 4, VAE(image + F−1 black frames) 16) → [1, 20, F', H', W'] (wan.md §11), from the LRU
+        cache when the same resized pixels and frame count came before."""
         from PIL import Image
 
         assert req.image is not None and req.width and req.height and req.num_frames
         image = req.image.convert("RGB").resize((req.width, req.height), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).to(self.device)  # [H, W, 3]
+        rgb = np.asarray(image)  # [H, W, 3] uint8
+        digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+        digest.update(np.asarray(rgb.shape, dtype=np.int64).tobytes())
+        key = (digest.hexdigest(), req.num_frames)
+        if key in self._image_conditions:
+            self._image_conditions.move_to_end(key)
+            return self._image_conditions[key]
+        y = self._encode_image_condition(rgb, req.num_frames)
+        if self.image_cache_size > 0:
+            self._image_conditions[key] = y
+            while len(self._image_conditions) > self.image_cache_size:
+                self._image_conditions.popitem(last=False)
+        return y
+
+    def clear_image_cache(self) -> None:
+        self._image_conditions.clear()
+
+    def _encode_image_condition(self, rgb: np.ndarray, num_frames: int) -> torch.Tensor:
+        height, width = rgb.shape[:2]
+        pixels = torch.from_numpy(rgb.astype(np.float32)).to(self.device)  # [H, W, 3]
         first = (pixels / 127.5 - 1.0).permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W] in [-1, 1]
-        video = torch.zeros(1, 3, req.num_frames, req.height, req.width, device=self.device)
+        video = torch.zeros(1, 3, num_frames, height, width, device=self.device)
         video[:, :, :1] = first
         vae_dtype = next(self.vae.parameters()).dtype
         latent = self.vae.encode(video.to(vae_dtype)).float()  # [1, 16, F', H', W']

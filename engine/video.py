@@ -124,7 +124,8 @@ def write_mp4(
         codec="libx264",
         macro_block_size=1,  # never rescale; even sizes are checked above
         ffmpeg_log_level="error",
-        output_params=["-crf", str(crf), "-preset", preset, *(["-x264-params", x264_params] if x264_params else []),
+        output_params=["-crf", str(crf), "-preset", preset,
+                       *(["-x264-params", x264_params] if x264_params else []),
                        "-movflags", "+faststart", "-f", "mp4"],
     )
     num_frames = 0

@@ -76,6 +76,45 @@ def test_i2v_condition_is_mask_then_image_latent(i2v: Pipeline) -> None:
     assert not torch.allclose(y[:, 4:, 0], y[:, 4:, 1])
 
 
+def test_i2v_condition_is_cached_per_image_size_and_frames(i2v: Pipeline, monkeypatch) -> None:
+    encodes: list[tuple[int, ...]] = []
+    encode = i2v.vae.encode
+    monkeypatch.setattr(i2v.vae, "encode",
+                        lambda video, **kw: encodes.append(tuple(video.shape)) or encode(video, **kw))
+    i2v.clear_image_cache()
+    # At its own size the image is not resampled, so a one-step change of one value reaches the key.
+    image = _image(64, 48)
+    request = i2v.validate(GenerationRequest(prompt="x", image=image, width=64, height=48, num_frames=9))
+    first = i2v._image_condition(request)
+    assert len(encodes) == 1
+    again = i2v._image_condition(replace(request, image=image.copy()))  # equal pixels, another object
+    assert len(encodes) == 1 and torch.equal(again, first)
+    pixels = np.asarray(_image(64, 48)).copy()
+    pixels[0, 0, 0] ^= 1
+    i2v._image_condition(replace(request, image=Image.fromarray(pixels)))
+    i2v._image_condition(replace(request, num_frames=5))
+    i2v._image_condition(replace(request, width=48, height=64))
+    assert len(encodes) == 4
+    # Uncached, the same pixels give the same condition: the cache returns what an encode would.
+    i2v.clear_image_cache()
+    assert torch.equal(i2v._image_condition(request), first) and len(encodes) == 5
+
+
+def test_i2v_condition_cache_is_bounded_lru(monkeypatch) -> None:
+    pipe = Pipeline.load("tiny-i2v", image_cache_size=2)
+    encodes: list[int] = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda video, **kw: encodes.append(1) or encode(video, **kw))
+    base = GenerationRequest(prompt="x", image=_image(), width=64, height=48)
+    requests = [pipe.validate(replace(base, num_frames=n)) for n in (1, 5, 9)]
+    for request in (requests[0], requests[1], requests[0], requests[2], requests[0], requests[1]):
+        pipe._image_condition(request)
+    # 0 and 1 encoded; 0 hit; 2 encoded, evicting 1 (least recent); 0 hit; 1 encoded again.
+    assert len(encodes) == 4
+    with pytest.raises(ValueError, match="image_cache_size must be >= 0"):
+        Pipeline.load("tiny-i2v", image_cache_size=-1)
+
+
 def test_i2v_adapts_resolution_to_the_image(i2v: Pipeline) -> None:
     request = i2v.validate(GenerationRequest(prompt="x", image=_image(300, 100)))
     assert request.width * request.height == pytest.approx(160 * 96, rel=0.2)
