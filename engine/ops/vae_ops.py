@@ -201,21 +201,22 @@ def _conv3d_small_out_kernel(
     # int64: one 720P chunk's buffer passes 2^31 elements.
     x_item = x_ptr + b.to(tl.int64) * stride_xb
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    # A loop, not unrolled: 27 unrolled taps keep all their loads live at once (255 registers and a 13 KB
-    # spill stack on sm_90).
-    for tap in range(KT * KH * KW):
-        dt = tap // (KH * KW)
-        hh = ph + ((tap // KW) % KH - KH // 2)
-        ww = pw + (tap % KW - KW // 2)
-        inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # zero padding in space
-        pixel = (t + dt).to(tl.int64) * stride_xt + hh.to(tl.int64) * stride_xh + ww.to(tl.int64) * stride_xw
-        a = tl.load(x_item + pixel[:, None] + offs_c[None, :], mask=inside[:, None] & c_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + tap * BLOCK_C * BLOCK_N + offs_c[:, None] * BLOCK_N + offs_n[None, :])
-        if DOT_FP32:  # exact fp32 products, not TF32 (bf16 ones are exact in fp32 too)
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+    for dt in tl.static_range(KT):
+        x_frame = x_item + (t + dt).to(tl.int64) * stride_xt
+        for dh in tl.static_range(KH):
+            hh = ph + (dh - KH // 2)
+            for dw in tl.static_range(KW):
+                ww = pw + (dw - KW // 2)
+                inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # zero padding in space
+                pixel = hh.to(tl.int64) * stride_xh + ww.to(tl.int64) * stride_xw
+                a = tl.load(x_frame + pixel[:, None] + offs_c[None, :], mask=inside[:, None] & c_ok[None, :],
+                            other=0.0)
+                tap = (dt * KH + dh) * KW + dw
+                w = tl.load(w_ptr + tap * BLOCK_C * BLOCK_N + offs_c[:, None] * BLOCK_N + offs_n[None, :])
+                if DOT_FP32:  # exact fp32 products, not TF32 (bf16 ones are exact in fp32 too)
+                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(a, w)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0).to(tl.float32)[None, :]
     pixel = ph.to(tl.int64) * stride_yh + pw.to(tl.int64) * stride_yw
