@@ -5,10 +5,8 @@ replaced, timed in the same run, and each variant's output against the default's
     python bench/vae_decode.py --sizes 480p --repeats 5
 
 Variants (all bf16 channels-last with the fused Triton norms):
-- `fused`: the default (96-wide convs zero-padded to 128 outputs, the upsample fused with the adds before it,
-  the 96 -> 3 head conv as the direct Triton conv);
-- `cudnn_head`: the head conv on cuDNN (`SMALL_OUT_CONV_MAX = 0`, session 10's path);
-- `unpadded`: that, and `PADDED_OUT_CHANNELS` empty (every conv at its own width);
+- `fused`: the default (96-wide convs zero-padded to 128 outputs, the upsample fused with the adds before it);
+- `unpadded`: `PADDED_OUT_CHANNELS` empty (every conv at its own width);
 - `session9`: unpadded, and ATen's channels-last nearest upsample after a separate bias/residual pass.
 """
 
@@ -45,9 +43,7 @@ def _aten_upsample(x: torch.Tensor, *, bias: torch.Tensor | None = None,
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
-    saved = vae_module.PADDED_OUT_CHANNELS, vae_module.upsample_nearest2x, vae_module.SMALL_OUT_CONV_MAX
-    if name in ("cudnn_head", "unpadded", "session9"):
-        vae_module.SMALL_OUT_CONV_MAX = 0
+    saved = vae_module.PADDED_OUT_CHANNELS, vae_module.upsample_nearest2x
     if name in ("unpadded", "session9"):
         vae_module.PADDED_OUT_CHANNELS = {}
     if name == "session9":
@@ -55,7 +51,7 @@ def variant(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        vae_module.PADDED_OUT_CHANNELS, vae_module.upsample_nearest2x, vae_module.SMALL_OUT_CONV_MAX = saved
+        vae_module.PADDED_OUT_CHANNELS, vae_module.upsample_nearest2x = saved
 
 
 def decode(vae: WanVAE, latent: torch.Tensor) -> torch.Tensor:
@@ -68,7 +64,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="480p,720p")
     parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--variants", default="fused,cudnn_head,unpadded,session9")
+    parser.add_argument("--variants", default="fused,unpadded,session9")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

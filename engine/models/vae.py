@@ -44,14 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.configs import VAEConfig
-from engine.ops.vae_ops import (
-    Backend,
-    add_bias_residual,
-    conv3d_small_out,
-    pack_small_out_conv_weight,
-    upsample_nearest2x,
-    vae_rms_norm,
-)
+from engine.ops.vae_ops import Backend, add_bias_residual, upsample_nearest2x, vae_rms_norm
 
 # Per-channel latent statistics of the Wan2.1 VAE (official `WanVAE.__init__`; the same numbers are
 # diffusers' `AutoencoderKLWan` `latents_mean` / `latents_std` defaults).
@@ -70,11 +63,6 @@ LATENT_STD: tuple[float, ...] = (
 # and 1.52x faster with its weight zero-padded to 128 outputs (docs/PERFORMANCE.md, VAE decode). The padded
 # channels are never read: the conv's result is a view of its first out_channels channels.
 PADDED_OUT_CHANNELS: dict[int, int] = {96: 128}
-# Causal 3-D convs with at most this many outputs, i.e. the decoder's RGB head (96 -> 3), run on the fused
-# path as a direct Triton conv (`vae_ops.conv3d_small_out`) instead of cuDNN, whose implicit GEMM ran that
-# shape at 0.36 TB/s on the H100 (26 ms of the 480P decode; docs/PERFORMANCE.md, VAE decode). Wider outputs
-# were not measured and stay on cuDNN; 0 puts the head back on it.
-SMALL_OUT_CONV_MAX = 3
 
 
 class CausalCache:
@@ -92,7 +80,6 @@ class CausalCache:
         self.memory_format = torch.channels_last_3d if fused else torch.contiguous_format
         self._history: dict[nn.Module, torch.Tensor] = {}
         self._padded_weights: dict[nn.Module, torch.Tensor] = {}
-        self._packed_weights: dict[nn.Module, torch.Tensor] = {}
 
     def get(self, layer: nn.Module) -> torch.Tensor | None:
         """The layer's history (buffer), or None before its first chunk."""
@@ -113,13 +100,6 @@ class CausalCache:
         if padded is None:
             padded = self._padded_weights[conv] = _zero_padded(conv.weight, padded_out)
         return padded
-
-    def packed_weight(self, conv: nn.Conv3d) -> torch.Tensor:
-        """conv's weight as `conv3d_small_out` takes it, made once per call."""
-        packed = self._packed_weights.get(conv)
-        if packed is None:
-            packed = self._packed_weights[conv] = pack_small_out_conv_weight(conv.weight)
-        return packed
 
 
 @dataclass
@@ -175,11 +155,6 @@ def _conv(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor, cache: CausalCache) -> A
     if not cache.fused:
         out = conv_fn(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return Activation(out)
-    # CausalConv3d has no time padding, dilation or groups; the direct kernel pads k // 2 in space, stride 1.
-    if (isinstance(conv, CausalConv3d) and conv.out_channels <= SMALL_OUT_CONV_MAX
-            and conv.stride == (1, 1, 1) and conv.padding[1:] == tuple(k // 2 for k in conv.kernel_size[1:])):
-        out = conv3d_small_out(x, cache.packed_weight(conv), conv.bias, conv.kernel_size, conv.out_channels)
-        return Activation(out)  # bias included
     out = conv_fn(x, cache.weight(conv), None, conv.stride, conv.padding, conv.dilation, conv.groups)
     # cuDNN answers channels-last inputs and weights in kind; a CPU 1x1 kernel may answer NCHW (one copy).
     layout = torch.channels_last_3d if out.dim() == 5 else torch.channels_last

@@ -10,10 +10,6 @@ Ops (x [B, C, *spatial], the channel dim 1 innermost in memory for the Triton ba
 - `add_bias_residual(x, bias, residual, out)`: s alone, in one pass.
 - `upsample_nearest2x(x, bias, residual)`: s, then the Resample's nearest x2 upsample, in one pass (4-D
   [N, C, H, W] images).
-- `conv3d_small_out(x, packed_weight, bias)`: a 3-D conv with a handful of output channels (the decoder head's
-  96 -> 3), direct: each program reads a row of pixels once per tap and multiplies it with the tap's
-  [C_in, 16] weight on the tensor cores. cuDNN's implicit GEMM runs this shape far from the memory rate: its
-  tiles are at least 64 outputs wide, so 3 outputs leave them nearly empty.
 
 The Triton kernels read each input once and write each output once (rows of C channels, several rows per
 program; the upsample writes each value four times). The "torch" backend is the `*_reference` below: plain
@@ -83,16 +79,6 @@ def upsample_nearest2x_reference(
     once, then copied: what the add followed by `nn.Upsample(mode="nearest-exact")` gives at scale 2)."""
     s = add_bias_residual_reference(x, bias, residual).to(x.dtype)
     return F.interpolate(s, scale_factor=2.0, mode="nearest-exact")
-
-
-def conv3d_small_out_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """conv3d in fp32 with zero spatial padding k // 2 and none in time (x holds the causal history):
-    x [B, C_in, T + kt - 1, H, W], weight [C_out, C_in, kt, kh, kw] → [B, C_out, T, H, W] fp32."""
-    kh, kw = weight.shape[3:]
-    bias = None if bias is None else bias.float()
-    return F.conv3d(x.float(), weight.float(), bias, padding=(0, kh // 2, kw // 2))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -174,55 +160,6 @@ def _upsample2x_kernel(
     for corner in tl.static_range(4):
         out_rows = top_left + (corner // 2) * (2 * W) + corner % 2
         tl.store(y + out_rows[:, None] * stride_yr, value, mask=mask)
-
-
-@triton.jit
-def _conv3d_small_out_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr,
-    T, H, W,
-    # x [B, C_in, T + KT - 1, H, W] channels-last (channel stride 1), y [B, C_OUT, T, H, W] any strides
-    stride_xb, stride_xt, stride_xh, stride_xw,
-    stride_yb, stride_yc, stride_yt, stride_yh, stride_yw,
-    C_IN: tl.constexpr, C_OUT: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """BLOCK_P output pixels (of H·W, row-major) of frame program_id(1) % T of item program_id(1) // T: per
-    tap, the shifted [BLOCK_P, C_in] input pixels times the tap's packed [BLOCK_C, BLOCK_N] weight."""
-    b = tl.program_id(1) // T
-    t = tl.program_id(1) % T
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < H * W
-    ph = offs_p // W
-    pw = offs_p % W
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_n = tl.arange(0, BLOCK_N)
-    c_ok = offs_c < C_IN
-    # int64: one 720P chunk's buffer passes 2^31 elements.
-    x_item = x_ptr + b.to(tl.int64) * stride_xb
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for dt in tl.static_range(KT):
-        x_frame = x_item + (t + dt).to(tl.int64) * stride_xt
-        for dh in tl.static_range(KH):
-            hh = ph + (dh - KH // 2)
-            for dw in tl.static_range(KW):
-                ww = pw + (dw - KW // 2)
-                inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # zero padding in space
-                pixel = hh.to(tl.int64) * stride_xh + ww.to(tl.int64) * stride_xw
-                a = tl.load(x_frame + pixel[:, None] + offs_c[None, :], mask=inside[:, None] & c_ok[None, :],
-                            other=0.0)
-                tap = (dt * KH + dh) * KW + dw
-                w = tl.load(w_ptr + tap * BLOCK_C * BLOCK_N + offs_c[:, None] * BLOCK_N + offs_n[None, :])
-                if DOT_FP32:  # exact fp32 products, not TF32 (bf16 ones are exact in fp32 too)
-                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, w)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0).to(tl.float32)[None, :]
-    pixel = ph.to(tl.int64) * stride_yh + pw.to(tl.int64) * stride_yw
-    y = (y_ptr + b.to(tl.int64) * stride_yb + t.to(tl.int64) * stride_yt + pixel[:, None]
-         + offs_n[None, :].to(tl.int64) * stride_yc)
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & (offs_n < C_OUT)[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -406,93 +343,10 @@ def upsample_nearest2x(
     return out
 
 
-SMALL_OUT_BLOCK_N = 16  # tl.dot's narrowest N: the packed weight's output columns
-
-
-def _block_c(c_in: int) -> int:
-    return max(16, triton.next_power_of_2(c_in))  # tl.dot's K: a power of two, at least 16
-
-
-def pack_small_out_conv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight [C_out <= 16, C_in, kt, kh, kw] → [kt·kh·kw, _block_c(C_in), 16] (tap, input, output), zeros
-    past C_in and C_out, in weight's dtype: `conv3d_small_out`'s operand, made once per decode call."""
-    c_out, c_in = weight.shape[:2]
-    if weight.dim() != 5 or c_out > SMALL_OUT_BLOCK_N:
-        raise ValueError(f"weight must be [C_out <= {SMALL_OUT_BLOCK_N}, C_in, kt, kh, kw]; got "
-                         f"{tuple(weight.shape)}")
-    packed = torch.zeros(weight[0, 0].numel(), _block_c(c_in), SMALL_OUT_BLOCK_N,
-                         dtype=weight.dtype, device=weight.device)
-    packed[:, :c_in, :c_out] = weight.detach().flatten(2).permute(2, 1, 0)
-    return packed
-
-
-def conv3d_small_out(
-    x: torch.Tensor,
-    packed_weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    kernel_size: tuple[int, int, int],
-    out_channels: int,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """A stride-1 3-D conv with at most 16 outputs, zero spatial padding k // 2, no time padding (the causal
-    history is x's first kt - 1 frames), bias added in fp32, one rounding to x's dtype; reference
-    `conv3d_small_out_reference`.
-
-    Args:
-        x: [B, C_in, T + kt - 1, H, W] channels-last-3d (channel stride 1; any other strides), bf16 or fp32.
-        packed_weight: `pack_small_out_conv_weight(weight)`, x's dtype.
-        bias: out_channels elements or None (added in fp32).
-        kernel_size: (kt, kh, kw).
-        out_channels: C_out of the packed weight.
-        out: where the result goes ([B, out_channels, T, H, W] in x's dtype, any strides); default a new
-            channels-last-3d one, the layout of the fused decode's activations.
-
-    Returns:
-        out (or the new tensor).
-    """
-    kt, kh, kw = kernel_size
-    b, c_in, frames, h, w = x.shape
-    t = frames - (kt - 1)
-    block_c = _block_c(c_in)
-    if packed_weight.shape != (kt * kh * kw, block_c, SMALL_OUT_BLOCK_N) or packed_weight.dtype != x.dtype:
-        expected = (kt * kh * kw, block_c, SMALL_OUT_BLOCK_N)
-        raise ValueError(f"packed_weight must be {x.dtype} {list(expected)}; got {packed_weight.dtype} "
-                         f"{tuple(packed_weight.shape)}")
-    if t < 1 or x.stride(1) != 1:
-        raise ValueError(f"x must be channels-last [B, C, T + {kt - 1}, H, W]; got {tuple(x.shape)} with "
-                         f"strides {x.stride()}")
-    if bias is not None and bias.numel() != out_channels:
-        raise ValueError(f"bias must have {out_channels} elements; got {tuple(bias.shape)}")
-    y = out if out is not None else torch.empty((b, out_channels, t, h, w), dtype=x.dtype, device=x.device,
-                                                memory_format=torch.channels_last_3d)
-    if y.shape != (b, out_channels, t, h, w) or y.dtype != x.dtype:
-        raise ValueError(f"out must be {x.dtype} {(b, out_channels, t, h, w)}; got {y.dtype} "
-                         f"{tuple(y.shape)}")
-    # 128 pixels a program on the GPU (a [128, C_in] operand per tap in registers); the CPU interpreter pays
-    # per program, so it takes large blocks.
-    block_p = 128 if x.is_cuda else 4096
-    grid = (triton.cdiv(h * w, block_p), b * t)
-    _conv3d_small_out_kernel[grid](
-        x, packed_weight, bias if bias is not None else y, y,
-        t, h, w,
-        x.stride(0), x.stride(2), x.stride(3), x.stride(4),
-        y.stride(0), y.stride(1), y.stride(2), y.stride(3), y.stride(4),
-        C_IN=c_in, C_OUT=out_channels, KT=kt, KH=kh, KW=kw, HAS_BIAS=bias is not None,
-        # The CPU interpreter multiplies bf16 operands as their raw bits: it gets them in fp32.
-        DOT_FP32=x.dtype == torch.float32 or not x.is_cuda,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_N=SMALL_OUT_BLOCK_N, num_warps=4,
-    )  # fmt: skip
-    return y
-
-
 __all__ = [
     "NORM_EPS",
     "add_bias_residual",
     "add_bias_residual_reference",
-    "conv3d_small_out",
-    "conv3d_small_out_reference",
-    "pack_small_out_conv_weight",
     "upsample_nearest2x",
     "upsample_nearest2x_reference",
     "vae_rms_norm",

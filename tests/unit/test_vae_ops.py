@@ -1,6 +1,5 @@
-"""The VAE's Triton kernels (CPU interpreter) against their fp32 torch references: the fused norm / SiLU /
-bias / residual kernel, the fused upsample and the small-output direct conv; and the norm reference against
-the old module's own formula."""
+"""The VAE's fused norm / SiLU / bias / residual kernel (CPU interpreter) against its fp32 torch reference,
+and the reference against the old module's own formula."""
 
 from __future__ import annotations
 
@@ -10,9 +9,6 @@ import torch.nn.functional as F
 
 from engine.ops.vae_ops import (
     add_bias_residual,
-    conv3d_small_out,
-    conv3d_small_out_reference,
-    pack_small_out_conv_weight,
     upsample_nearest2x,
     upsample_nearest2x_reference,
     vae_rms_norm,
@@ -155,48 +151,6 @@ def test_upsample_rejects_bad_inputs() -> None:
         upsample_nearest2x(x, bias=torch.ones(3))
     with pytest.raises(ValueError, match="channels-last"):
         upsample_nearest2x(x.contiguous())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    ("c_in", "c_out", "frames", "width", "bias"),
-    [(96, 3, 1, 7, True), (24, 3, 2, 1030, True), (13, 16, 2, 5, False)],
-    ids=["head-first-chunk", "two-programs", "odd-in-full-out"],
-)
-def test_small_out_conv_matches_reference(
-    dtype: torch.dtype, c_in: int, c_out: int, frames: int, width: int, bias: bool
-) -> None:
-    """The direct conv on a causal buffer (history frames in front, no time padding), zero padding at all four
-    image edges, pixel tiles that span rows (4 x 1030 pixels: two programs of the interpreter's 4096, the
-    second partial); the input a channel slice of a wider tensor, as the padded convs leave it (row
-    stride > C)."""
-    wide = _channels_last((2, c_in + 5, frames + 2, 4, width), dtype)
-    x = wide[:, :c_in]
-    weight = (torch.randn(c_out, c_in, 3, 3, 3) / (27 * c_in) ** 0.5).to(dtype)
-    b = torch.randn(c_out).to(dtype) if bias else None
-    out = torch.full((2, c_out, frames, 4, width), float("nan"), dtype=dtype).contiguous(memory_format=CL3D)
-    y = conv3d_small_out(x, pack_small_out_conv_weight(weight), b, (3, 3, 3), c_out, out=out)
-    assert y is out
-    # bf16 products are exact in fp32: both sides are fp32 sums of the same products in other orders, then
-    # (bf16) one rounding.
-    _assert_close(y, conv3d_small_out_reference(x, weight, b))
-    default = conv3d_small_out(x, pack_small_out_conv_weight(weight), b, (3, 3, 3), c_out)
-    assert default.is_contiguous(memory_format=CL3D) and torch.equal(default, y)
-
-
-def test_small_out_conv_rejects_bad_inputs() -> None:
-    x = _channels_last((1, 8, 3, 3, 3), torch.float32)
-    packed = pack_small_out_conv_weight(torch.randn(3, 8, 3, 3, 3))
-    with pytest.raises(ValueError, match="C_out <= 16"):
-        pack_small_out_conv_weight(torch.randn(17, 8, 3, 3, 3))
-    with pytest.raises(ValueError, match="packed_weight"):
-        conv3d_small_out(x.to(torch.bfloat16), packed, None, (3, 3, 3), 3)
-    with pytest.raises(ValueError, match="channels-last"):
-        conv3d_small_out(x.contiguous(), packed, None, (3, 3, 3), 3)
-    with pytest.raises(ValueError, match="bias"):
-        conv3d_small_out(x, packed, torch.ones(4), (3, 3, 3), 3)
-    with pytest.raises(ValueError, match="out must be"):
-        conv3d_small_out(x, packed, None, (3, 3, 3), 3, out=torch.empty(1, 3, 1, 3, 3, dtype=torch.bfloat16))
 
 
 def test_reference_is_the_old_module_formula() -> None:
