@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.configs import from_name
 from engine.models.dit import WanModel
@@ -39,6 +41,20 @@ def test_tiny_pipeline_on_cuda_generates_finite_frames() -> None:
     assert pipe.attention == "sagesla" and pipe.experts[0].blocks[0].norm1.fused
     result = pipe.generate(GenerationRequest(prompt="a fox", seed=0, steps=4))
     assert result.frames.shape == (81, 96, 160, 3) and result.frames.std() > 1
+
+
+def test_tiny_i2v_on_cuda_reuses_the_image_condition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated image skips the VAE encode: the cached condition (a CUDA inference tensor from the first
+    request) serves the second, which gives the same frames."""
+    pipe = Pipeline.load("tiny-i2v", device="cuda")
+    encodes = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda video, **kw: encodes.append(1) or encode(video, **kw))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8))
+    request = GenerationRequest(prompt="a fox", image=image, seed=0, steps=2, num_frames=9)
+    first, second = pipe.generate(request), pipe.generate(request)
+    assert len(encodes) == 1 and "image_encode" in second.timings
+    assert np.array_equal(first.frames, second.frames) and first.frames.std() > 1
 
 
 @torch.inference_mode()
