@@ -9,7 +9,8 @@ timed over `--original-steps` steps (each = 2 model calls for CFG) and extrapola
 costs the same two DiT calls plus a few element-wise ops. Stages: text_encode and image_encode (I2V) uncached,
 then cached (`cached_prompt`: the same request again), denoise, vae_decode, encode_mp4 (when imageio-ffmpeg is
 importable: the original encodes after the decode as the official scripts do; turbo streams each decoded chunk
-into an `Mp4Stream`, so its encode_mp4 is the tail left after the last frame). `request_to_mp4_s` is the wall time from the request to the MP4 in place.
+into an `Mp4Stream`, so its encode_mp4 is the tail left after the last frame). `request_to_mp4_s` is the wall
+time from the request to the MP4 in place.
 Peak and resident GPU memory per variant; for the A14B, the expert switch cost (both experts resident).
 """
 

@@ -76,7 +76,9 @@ def test_i2v_condition_is_mask_then_image_latent(i2v: Pipeline) -> None:
     assert not torch.allclose(y[:, 4:, 0], y[:, 4:, 1])
 
 
-def test_i2v_condition_is_cached_per_image_size_and_frames(i2v: Pipeline, monkeypatch) -> None:
+def test_i2v_condition_is_cached_per_image_size_and_frames(
+    i2v: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     encodes: list[tuple[int, ...]] = []
     encode = i2v.vae.encode
     monkeypatch.setattr(i2v.vae, "encode",
@@ -100,7 +102,7 @@ def test_i2v_condition_is_cached_per_image_size_and_frames(i2v: Pipeline, monkey
     assert torch.equal(i2v._image_condition(request), first) and len(encodes) == 5
 
 
-def test_i2v_condition_cache_is_bounded_lru(monkeypatch) -> None:
+def test_i2v_condition_cache_is_bounded_lru(monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = Pipeline.load("tiny-i2v", image_cache_size=2)
     encodes: list[int] = []
     encode = pipe.vae.encode
