@@ -321,17 +321,17 @@ class Pipeline:
         assert req.image is not None and req.width and req.height and req.num_frames
         image = req.image.convert("RGB").resize((req.width, req.height), Image.Resampling.BILINEAR)
         rgb = np.asarray(image)  # [H, W, 3] uint8
+        if self.image_cache_size == 0:
+            return self._encode_image_condition(rgb, req.num_frames)
         digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
         digest.update(np.asarray(rgb.shape, dtype=np.int64).tobytes())
         key = (digest.hexdigest(), req.num_frames)
         if key in self._image_conditions:
             self._image_conditions.move_to_end(key)
             return self._image_conditions[key]
-        y = self._encode_image_condition(rgb, req.num_frames)
-        if self.image_cache_size > 0:
-            self._image_conditions[key] = y
-            while len(self._image_conditions) > self.image_cache_size:
-                self._image_conditions.popitem(last=False)
+        y = self._image_conditions[key] = self._encode_image_condition(rgb, req.num_frames)
+        while len(self._image_conditions) > self.image_cache_size:
+            self._image_conditions.popitem(last=False)
         return y
 
     def clear_image_cache(self) -> None:

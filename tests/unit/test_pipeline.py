@@ -113,6 +113,11 @@ def test_i2v_condition_cache_is_bounded_lru(monkeypatch: pytest.MonkeyPatch) -> 
         pipe._image_condition(request)
     # 0 and 1 encoded; 0 hit; 2 encoded, evicting 1 (least recent); 0 hit; 1 encoded again.
     assert len(encodes) == 4
+    pipe.image_cache_size = 0  # off: every request encodes, nothing is kept
+    pipe.clear_image_cache()
+    pipe._image_condition(requests[0])
+    pipe._image_condition(requests[0])
+    assert len(encodes) == 6 and not pipe._image_conditions
     with pytest.raises(ValueError, match="image_cache_size must be >= 0"):
         Pipeline.load("tiny-i2v", image_cache_size=-1)
 
